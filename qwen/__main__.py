@@ -1,0 +1,86 @@
+"""Command line: ``python -m qwen <command> ...`` (``python -m qwen --help`` lists them)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _tiny(args: argparse.Namespace) -> None:
+    from .tiny import make_tiny_checkpoint
+
+    out = make_tiny_checkpoint(
+        args.out_dir,
+        chat=args.chat,
+        seq_length=args.seq_length,
+        layers=args.layers,
+        hidden=args.hidden,
+        heads=args.heads,
+        intermediate=args.intermediate,
+        seed=args.seed,
+        dtype=args.dtype,
+        tie_word_embeddings=args.tie_word_embeddings,
+    )
+    print(f"wrote a tiny {'chat' if args.chat else 'base'} checkpoint to {out}")
+
+
+def _update_remote_code(args: argparse.Namespace) -> None:
+    from .remote_code import write_remote_code
+
+    backup = write_remote_code(args.ckpt_dir, backup=not args.no_backup)
+    print(f"updated the remote code in {args.ckpt_dir}")
+    if backup is not None:
+        print(f"previous files kept in {backup}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m qwen", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "tiny",
+        help="write a tiny random checkpoint in the official layout",
+        description="Write a tiny random Qwen-1 checkpoint (config.json, generation_config.json, "
+        "model.safetensors, qwen.tiktoken, tokenizer_config.json and the remote code) for "
+        "tests and offline examples.",
+    )
+    p.add_argument("out_dir", help="directory to write (created if missing)")
+    p.add_argument("--chat", action="store_true", help="chat variant (generation_config chat_format: chatml)")
+    p.add_argument("--seq-length", type=int, default=8192, help="trained context length (default 8192)")
+    p.add_argument("--layers", type=int, default=2, help="number of blocks (default 2)")
+    p.add_argument("--hidden", type=int, default=64, help="hidden size (default 64)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    p.add_argument("--intermediate", type=int, default=256, help="intermediate_size, twice the MLP width (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="stored dtype (default bf16)")
+    p.add_argument("--tie-word-embeddings", action="store_true", help="share wte and lm_head")
+    p.set_defaults(func=_tiny)
+
+    p = sub.add_parser(
+        "update-remote-code",
+        help="write this package's model files into a checkpoint as its remote code",
+        description="Copy configuration_qwen.py, modeling_qwen.py, tokenization_qwen.py and "
+        "qwen_generation_utils.py into CKPT_DIR and point the auto_map of config.json and "
+        "tokenizer_config.json at them, so tools that load with trust_remote_code=True run the "
+        "maintained code. Replaced files are first copied to CKPT_DIR/remote_code_backup-<time>/.",
+    )
+    p.add_argument("ckpt_dir", help="an official-layout Qwen-1 checkpoint directory")
+    p.add_argument("--no-backup", action="store_true", help="do not keep copies of replaced files")
+    p.set_defaults(func=_update_remote_code)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

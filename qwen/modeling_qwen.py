@@ -1,0 +1,543 @@
+"""The first-generation Qwen network on current ``transformers``.
+
+Computes the same function as the official remote code (``modeling_qwen.py`` of the
+published checkpoints) with the state-dict names of those checkpoints, built on the
+library's extension points: ``PreTrainedModel`` + ``GenerationMixin``, ``Cache``
+objects and the attention interface (SDPA, eager, flash-attention-2).
+
+This file belongs to a self-contained set (configuration, modeling, tokenization,
+generation utilities) that can be copied into a checkpoint directory as remote code:
+it imports its siblings relatively and nothing else from this package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import weakref
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import StoppingCriteriaList
+from transformers.masking_utils import create_causal_mask, sliding_window_overlay
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_qwen import PRECISION_FLAGS, QWenConfig
+from .qwen_generation_utils import StopWordsCriteria
+
+logger = logging.getLogger(__name__)
+
+_DTYPE_OF_FLAG = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_FLAG_OF_DTYPE = {v: k for k, v in _DTYPE_OF_FLAG.items()}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def ntk_alpha(length: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """Dynamic-NTK alpha for key lengths ``length``: ``max(2**ceil(log2(L/S) + 1) - 1, 1)``."""
+    ratio = length.to(torch.float64) / seq_length
+    alpha = torch.exp2(torch.ceil(torch.log2(ratio) + 1)) - 1
+    return alpha.clamp(min=1.0)
+
+
+def logn_scale(position_ids: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """LogN query factor at 0-based positions: ``max(1, log(p + 1) / log(seq_length))``."""
+    p = position_ids.to(torch.float32) + 1
+    return (torch.log(p) / math.log(seq_length)).clamp(min=1.0)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` dims of ``x`` (B, q, heads, d) in float32."""
+    rot = cos.shape[-1]
+    x_rot = x[..., :rot].float()
+    out = x_rot * cos + rotate_half(x_rot) * sin
+    if rot < x.shape[-1]:
+        out = torch.cat((out, x[..., rot:].float()), dim=-1)
+    return out.to(x.dtype)
+
+
+# --------------------------------------------------------------------------- modules
+
+
+class QWenRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return h.to(x.dtype) * self.weight
+
+
+class QWenRotaryEmbedding(nn.Module):
+    """Rotary embedding over the first ``rotary_pct * kv_channels`` dims, rotate-half
+    convention, with an optional per-row dynamic-NTK ``alpha``. No buffers: the inverse
+    frequencies are a few dozen numbers, recomputed per forward in float32."""
+
+    def __init__(self, config: QWenConfig):
+        super().__init__()
+        self.dim = int(config.kv_channels * config.rotary_pct)
+        self.base = float(config.rotary_emb_base)
+
+    def forward(
+        self, position_ids: torch.Tensor, alpha: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (B, q, 1, dim) in float32 for positions (B, q)."""
+        device = position_ids.device
+        exponent = torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim
+        if alpha is None:
+            inv_freq = (1.0 / self.base**exponent)[None, :]
+        else:
+            base = self.base * alpha.to(device=device, dtype=torch.float64) ** (self.dim / (self.dim - 2))
+            inv_freq = 1.0 / base.to(torch.float32)[:, None] ** exponent[None, :]
+        freqs = position_ids.to(torch.float32)[..., None] * inv_freq[:, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+        return emb.cos(), emb.sin()
+
+
+class QWenMLP(nn.Module):
+    def __init__(self, config: QWenConfig):
+        super().__init__()
+        width = config.intermediate_size // 2
+        bias = not config.no_bias
+        self.w1 = nn.Linear(config.hidden_size, width, bias=bias)
+        self.w2 = nn.Linear(config.hidden_size, width, bias=bias)
+        self.c_proj = nn.Linear(width, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
+
+
+def eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention: (B, H, q, d) x (B, H, k, d) -> (B, q, H, d), softmax in float32."""
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            weights = weights.masked_fill(~attention_mask, torch.finfo(weights.dtype).min)
+        else:
+            weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return out, weights
+
+
+class QWenAttention(nn.Module):
+    def __init__(self, config: QWenConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.kv_channels
+        self.num_key_value_groups = 1
+        self.is_causal = True
+        self.scaling = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
+        self.window = config.layer_windows()[layer_idx]
+        projection = self.num_heads * self.head_dim
+        self.c_attn = nn.Linear(config.hidden_size, 3 * projection, bias=True)
+        self.c_proj = nn.Linear(projection, config.hidden_size, bias=not config.no_bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        logn: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        bsz, q_len, _ = hidden_states.shape
+        qkv = self.c_attn(hidden_states).view(bsz, q_len, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.unbind(dim=2)
+        cos, sin = rotary
+        query = apply_rotary(query, cos, sin)
+        key = apply_rotary(key, cos, sin)
+        if logn is not None:
+            query = query * logn[:, :, None, None].to(query.dtype)
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+
+        interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
+        out, _ = interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.config.attn_dropout_prob if self.training else 0.0,
+            scaling=self.scaling,
+            sliding_window=self.window,
+            **kwargs,
+        )
+        return self.c_proj(out.reshape(bsz, q_len, -1))
+
+
+class QWenBlock(GradientCheckpointingLayer):
+    def __init__(self, config: QWenConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = QWenRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.attn = QWenAttention(config, layer_idx)
+        self.ln_2 = QWenRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mlp = QWenMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        logn: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        h = hidden_states + self.attn(self.ln_1(hidden_states), rotary, logn, attention_mask, past_key_values, **kwargs)
+        return h + self.mlp(self.ln_2(h))
+
+
+# --------------------------------------------------------------------------- models
+
+
+class QWenPreTrainedModel(PreTrainedModel):
+    config_class = QWenConfig
+    config: QWenConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["QWenBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+
+class QWenModel(QWenPreTrainedModel):
+    def __init__(self, config: QWenConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.drop = nn.Dropout(config.emb_dropout_prob)
+        self.h = nn.ModuleList(QWenBlock(config, i) for i in range(config.num_hidden_layers))
+        self.ln_f = QWenRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.rotary_emb = QWenRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        # Dynamic-NTK alpha of each cached sequence, fixed when the sequence starts
+        # (its cached keys were rotated with it). Keyed by the cache object itself.
+        self._ntk_alphas: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.wte = value
+
+    def _position_ids(
+        self,
+        attention_mask: torch.Tensor | None,
+        past_len: int,
+        q_len: int,
+        device: torch.device,
+    ) -> torch.Tensor:
+        if attention_mask is not None and attention_mask.dim() == 2:
+            pos = attention_mask.long().cumsum(-1) - 1
+            return pos.clamp(min=0)[:, -q_len:].to(device)
+        return torch.arange(past_len, past_len + q_len, device=device)[None, :]
+
+    def _ntk(self, position_ids: torch.Tensor, past_key_values: Cache | None, past_len: int, bsz: int):
+        """Per-row dynamic-NTK alpha (B,), or None when the feature is off."""
+        if not self.config.use_dynamic_ntk or self.training:
+            return None
+        if past_len == 0 or past_key_values is None:
+            # A sequence starts: alpha from each row's own unpadded key length.
+            length = position_ids.max(dim=-1).values + 1
+            alpha = ntk_alpha(length, self.config.seq_length).expand(bsz).clone()
+            if past_key_values is not None:
+                self._ntk_alphas[past_key_values] = alpha
+            return alpha
+        alpha = self._ntk_alphas.get(past_key_values)
+        if alpha is None or alpha.shape[0] != bsz:
+            # A cache filled elsewhere (or reshaped): fall back to the current length.
+            length = position_ids.max(dim=-1).values + 1
+            alpha = ntk_alpha(length, self.config.seq_length).expand(bsz).clone()
+            self._ntk_alphas[past_key_values] = alpha
+        return alpha
+
+    def _masks(self, inputs_embeds, attention_mask, past_key_values, position_ids) -> dict:
+        if isinstance(attention_mask, dict):
+            return attention_mask
+        kwargs = dict(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        masks = {}
+        for window in set(self.config.layer_windows()):
+            if window is None or self.config._attn_implementation == "flash_attention_2":
+                masks[window] = create_causal_mask(**kwargs)
+            else:
+                masks[window] = create_causal_mask(**kwargs, and_mask_function=sliding_window_overlay(window))
+        return masks
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        bsz, q_len = inputs_embeds.shape[:2]
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = self._position_ids(attention_mask, past_len, q_len, inputs_embeds.device)
+        position_ids = position_ids.expand(bsz, -1)
+
+        alpha = self._ntk(position_ids, past_key_values, past_len, bsz)
+        rotary = self.rotary_emb(position_ids, alpha)
+        logn = None
+        if self.config.use_logn_attn and not self.training:
+            logn = logn_scale(position_ids, self.config.seq_length)
+        masks = self._masks(inputs_embeds, attention_mask, past_key_values, position_ids)
+        windows = self.config.layer_windows()
+
+        hidden_states = self.drop(inputs_embeds)
+        all_hidden = [] if output_hidden_states else None
+        for i, block in enumerate(self.h):
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+            hidden_states = block(
+                hidden_states,
+                rotary,
+                logn,
+                attention_mask=masks[windows[i]],
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+        hidden_states = self.ln_f(hidden_states)
+        if all_hidden is not None:
+            all_hidden.append(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        )
+
+
+class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: QWenConfig):
+        super().__init__(config)
+        self.transformer = QWenModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        kwargs.pop("output_attentions", None)
+        out = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:, :]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep, :]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+        )
+
+    # ----------------------------------------------------------------- generation
+
+    def generate(self, inputs=None, generation_config=None, stopping_criteria=None, **kwargs):
+        """``GenerationMixin.generate`` that also honours ``stop_words_ids`` (a list of
+        token-id lists) from the call or from ``generation_config.stop_words_ids``."""
+        stop_words_ids = kwargs.pop("stop_words_ids", None)
+        if stop_words_ids is None:
+            config = generation_config if generation_config is not None else self.generation_config
+            stop_words_ids = getattr(config, "stop_words_ids", None)
+        if stop_words_ids:
+            stopping_criteria = StoppingCriteriaList(list(stopping_criteria or []))
+            stopping_criteria.append(StopWordsCriteria(stop_words_ids))
+        return super().generate(
+            inputs, generation_config=generation_config, stopping_criteria=stopping_criteria, **kwargs
+        )
+
+    # ----------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """``PreTrainedModel.from_pretrained`` with the official precision flags.
+
+        ``bf16=True``, ``fp16=True`` or ``fp32=True`` (or the same keys in
+        ``config.json``) select the dtype; with none set, bf16 is used where CUDA supports
+        it, else fp16 on CUDA, else fp32. ``dtype=``/``torch_dtype=`` also work. The
+        config's ``use_flash_attn`` chooses flash-attention-2 when it can run, SDPA
+        otherwise. Missing or unexpected weights raise ``ValueError``.
+        """
+        flags = {f: kwargs.pop(f) for f in PRECISION_FLAGS if f in kwargs}
+        want_info = kwargs.pop("output_loading_info", False)
+        config = kwargs.pop("config", None)
+        if not isinstance(config, QWenConfig):
+            hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+            config, kwargs = QWenConfig.from_pretrained(
+                config or pretrained_model_name_or_path, return_unused_kwargs=True, **kwargs
+            )
+            kwargs.update(hub)
+        for flag, value in flags.items():
+            setattr(config, flag, bool(value))
+        config.validate_qwen()
+
+        dtype = kwargs.pop("dtype", None)
+        legacy_dtype = kwargs.pop("torch_dtype", None)
+        dtype = dtype if dtype is not None else legacy_dtype
+        dtype = _resolve_dtype(config, dtype, explicit_flags=any(flags.values()))
+        if "attn_implementation" not in kwargs and config._attn_implementation_internal is None:
+            kwargs["attn_implementation"] = _choose_attention(config, dtype, kwargs.get("device_map"))
+
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path,
+            *model_args,
+            config=config,
+            dtype=dtype,
+            output_loading_info=True,
+            **kwargs,
+        )
+        if getattr(config, "quantization_config", None) is None:
+            problems = []
+            for key, what in (
+                ("missing_keys", "missing"),
+                ("unexpected_keys", "unexpected"),
+                ("mismatched_keys", "shape-mismatched"),
+            ):
+                names = sorted(str(k) for k in info.get(key) or ())
+                if names:
+                    shown = ", ".join(names[:10]) + (f" ... ({len(names)} in all)" if len(names) > 10 else "")
+                    problems.append(f"{what} weights: {shown}")
+            if problems:
+                raise ValueError(
+                    f"checkpoint {pretrained_model_name_or_path!s} does not match the Qwen-1 layout "
+                    f"({'; '.join(problems)}); refusing to run on randomly initialised weights"
+                )
+        return (model, info) if want_info else model
+
+
+_HUB_KWARGS = (
+    "cache_dir",
+    "force_download",
+    "proxies",
+    "local_files_only",
+    "token",
+    "revision",
+    "subfolder",
+    "trust_remote_code",
+)
+
+
+def _resolve_dtype(config: QWenConfig, dtype, explicit_flags: bool) -> torch.dtype:
+    flag = config.precision_flag
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    if dtype is not None and dtype != "auto":
+        if explicit_flags and flag is not None and _DTYPE_OF_FLAG[flag] != dtype:
+            raise ValueError(f"dtype={dtype} contradicts {flag}=True; pass only one of them")
+        chosen = dtype
+    elif flag is not None:
+        chosen = _DTYPE_OF_FLAG[flag]
+    elif torch.cuda.is_available():
+        chosen = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        chosen = torch.float32
+    if chosen in _FLAG_OF_DTYPE:
+        for f in PRECISION_FLAGS:
+            setattr(config, f, f == _FLAG_OF_DTYPE[chosen])
+    return chosen
+
+
+def _choose_attention(config: QWenConfig, dtype: torch.dtype, device_map) -> str:
+    wanted = config.use_flash_attn
+    if wanted is False:
+        return "sdpa"
+    reasons = []
+    if importlib.util.find_spec("flash_attn") is None:
+        reasons.append("the flash-attn package is not installed")
+    if not torch.cuda.is_available() or device_map == "cpu":
+        reasons.append("CUDA is not available")
+    if dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"the model runs in {dtype}, not fp16/bf16")
+    if not reasons:
+        return "flash_attention_2"
+    log = logger.warning if wanted is True else logger.info
+    log("use_flash_attn=%r: using SDPA attention because %s", wanted, "; ".join(reasons))
+    return "sdpa"

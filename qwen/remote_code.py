@@ -1,0 +1,79 @@
+"""Write this package's model files into a checkpoint directory as its remote code.
+
+Third-party tools that insist on ``trust_remote_code=True`` then run the maintained
+implementation instead of the checkpoint's original files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# The self-contained set: these modules import each other relatively and nothing else
+# from this package.
+REMOTE_CODE_FILES = (
+    "configuration_qwen.py",
+    "modeling_qwen.py",
+    "tokenization_qwen.py",
+    "qwen_generation_utils.py",
+)
+MODEL_AUTO_MAP = {
+    "AutoConfig": "configuration_qwen.QWenConfig",
+    "AutoModel": "modeling_qwen.QWenModel",
+    "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",
+}
+TOKENIZER_AUTO_MAP = {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]}
+
+
+def _package_dir() -> Path:
+    return Path(__file__).resolve().parent
+
+
+def _update_json(path: Path, key: str, value) -> None:
+    data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    data[key] = value
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_remote_code(ckpt_dir: str | Path, backup: bool = True) -> Path | None:
+    """Copy the model files into ``ckpt_dir`` and point its ``auto_map`` at them.
+
+    Files that would be replaced (the old ``*.py`` files, ``config.json`` and
+    ``tokenizer_config.json``) are first copied into ``ckpt_dir/remote_code_backup-<time>/``,
+    whose path is returned (``None`` when nothing was replaced or ``backup`` is False).
+    """
+    ckpt = Path(ckpt_dir)
+    config_path = ckpt / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{ckpt} has no config.json; is it a checkpoint directory?")
+    model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    if model_type != "qwen":
+        raise ValueError(f"{config_path} has model_type={model_type!r}, expected 'qwen'")
+
+    backup_dir = None
+    if backup:
+        replaced = [ckpt / n for n in REMOTE_CODE_FILES if (ckpt / n).exists()]
+        replaced += [p for p in (config_path, ckpt / "tokenizer_config.json") if p.exists()]
+        replaced += [p for p in ckpt.glob("*.py") if p not in replaced]
+        if replaced:
+            backup_dir = ckpt / time.strftime("remote_code_backup-%Y%m%d-%H%M%S")
+            suffix = 1
+            while backup_dir.exists():
+                backup_dir = backup_dir.with_name(f"{backup_dir.name.split('.')[0]}.{suffix}")
+                suffix += 1
+            backup_dir.mkdir()
+            for path in replaced:
+                shutil.copy2(path, backup_dir / path.name)
+            logger.info("backed up %d files to %s", len(replaced), backup_dir)
+
+    src = _package_dir()
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(src / name, ckpt / name)
+    _update_json(config_path, "auto_map", MODEL_AUTO_MAP)
+    _update_json(ckpt / "tokenizer_config.json", "auto_map", TOKENIZER_AUTO_MAP)
+    return backup_dir

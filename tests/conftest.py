@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random checkpoints written by ``python -m qwen tiny``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_tiny(out: Path, *args: str) -> Path:
+    """Run the project's own command, as users do, and return the directory."""
+    subprocess.run(
+        [sys.executable, "-m", "qwen", "tiny", str(out), *args],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """Base model, trained context 64 tokens (short, so NTK/logN are reachable)."""
+    return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny", "--seq-length", "64")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory) -> Path:
+    """Chat model (chat_format chatml), trained context 8192."""
+    return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny-chat", "--chat")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,267 @@
+"""The network: logits against independent references, caching, padding, backends."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_tiny
+from reference import naive_forward, qwen2_reference
+from transformers import AutoModelForCausalLM, DynamicCache
+
+import qwen
+from qwen.modeling_qwen import logn_scale, ntk_alpha
+
+ATOL = 1e-5
+
+
+def load(path, **kw):
+    kw.setdefault("dtype", torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, **kw).eval()
+
+
+def rand_ids(*shape, seed=0):
+    return torch.randint(0, 151643, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    return load(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def plain_model(tiny_dir):
+    """NTK and logN off: the plain function, for comparisons beyond seq_length."""
+    return load(tiny_dir, use_dynamic_ntk=False, use_logn_attn=False)
+
+
+def test_auto_classes_return_package_classes(model):
+    assert type(model) is qwen.QWenLMHeadModel
+    assert type(model.transformer) is qwen.QWenModel
+    assert isinstance(model.config, qwen.QWenConfig)
+
+
+def test_state_dict_names_match_official_layout(model):
+    names = set(model.state_dict())
+    expected = {"transformer.wte.weight", "transformer.ln_f.weight", "lm_head.weight"}
+    for i in range(2):
+        p = f"transformer.h.{i}."
+        expected |= {
+            p + n
+            for n in (
+                "ln_1.weight",
+                "attn.c_attn.weight",
+                "attn.c_attn.bias",
+                "attn.c_proj.weight",
+                "ln_2.weight",
+                "mlp.w1.weight",
+                "mlp.w2.weight",
+                "mlp.c_proj.weight",
+            )
+        }
+    assert names == expected
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("length", [1, 7, 64])
+def test_logits_equal_qwen2_within_seq_length(tiny_dir, model, length):
+    ref = qwen2_reference(tiny_dir)
+    ids = rand_ids(2, length)
+    ours = model(ids).logits
+    theirs = ref(ids).logits
+    assert (ours - theirs).abs().max().item() < ATOL
+
+
+def test_ntk_alpha_and_logn_by_hand():
+    S = 64
+    # alpha = max(2**ceil(log2(L/S) + 1) - 1, 1)
+    cases = {1: 1, 32: 1, 64: 1, 65: 3, 100: 3, 128: 3, 129: 7, 256: 7, 257: 15, 1024: 31}
+    got = ntk_alpha(torch.tensor(list(cases)), S)
+    assert got.tolist() == [float(v) for v in cases.values()]
+    # logN at 0-based position p: max(1, ln(p+1)/ln(S)); no upper limit.
+    p = torch.tensor([0, 62, 63, 64, 127, 4095, 100_000])
+    expected = [1, 1, 1, math.log(65) / math.log(64), math.log(128) / math.log(64), 2.0, math.log(100_001, 64)]
+    assert torch.allclose(logn_scale(p, S), torch.tensor(expected, dtype=torch.float32), atol=1e-6)
+
+
+@torch.no_grad()
+def test_dynamic_ntk_beyond_seq_length_equals_qwen2_with_scaled_base(tiny_dir):
+    m = load(tiny_dir, use_logn_attn=False)
+    ids = rand_ids(1, 100)  # S=64 -> alpha 3
+    d = m.config.kv_channels
+    ref = qwen2_reference(tiny_dir, rope_theta=10000 * 3 ** (d / (d - 2)))
+    assert (m(ids).logits - ref(ids).logits).abs().max().item() < ATOL
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("ntk,logn", [(True, True), (False, True), (True, False)])
+def test_beyond_seq_length_equals_official_formulas(tiny_dir, ntk, logn):
+    m = load(tiny_dir, use_dynamic_ntk=ntk, use_logn_attn=logn)
+    ids = rand_ids(1, 150)
+    ref = naive_forward(tiny_dir, ids[0].tolist(), ntk, logn)
+    assert (m(ids).logits[0] - ref).abs().max().item() < ATOL
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("length", [20, 130])
+def test_cached_decoding_equals_full_forward(model, length):
+    ids = rand_ids(2, length + 6)
+    full = model(ids, use_cache=False).logits
+    cache = DynamicCache(config=model.config)
+    out = model(ids[:, :length], past_key_values=cache, use_cache=True)
+    steps = [out.logits]
+    for t in range(length, length + 6):
+        steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    # The NTK alpha is fixed at the start of a sequence: the full forward over the
+    # longer input may pick a larger one, so compare only where the alpha is equal.
+    if ntk_alpha(torch.tensor(length), 64) == ntk_alpha(torch.tensor(length + 6), 64):
+        assert (torch.cat(steps, 1) - full).abs().max().item() < ATOL
+    else:
+        assert (steps[0] - full[:, :length]).abs().max().item() < ATOL
+
+
+@torch.no_grad()
+def test_ntk_alpha_stays_fixed_while_decoding(model, tiny_dir):
+    """Prefill of 60 tokens (alpha 1), then decode past 64: cached keys keep alpha 1."""
+    ids = rand_ids(1, 70)
+    cache = DynamicCache(config=model.config)
+    model(ids[:, :60], past_key_values=cache, use_cache=True)
+    logits = [model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(60, 70)]
+    ref = naive_forward(tiny_dir, ids[0].tolist(), use_dynamic_ntk=False, use_logn_attn=True)
+    assert (torch.cat(logits, 1)[0] - ref[60:]).abs().max().item() < ATOL
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("lengths", [(5, 12, 9), (40, 100, 70)])
+def test_left_padded_batch_equals_rows_alone(tiny_dir, impl, lengths):
+    m = load(tiny_dir, attn_implementation=impl)
+    rows = [rand_ids(1, n, seed=n)[0] for n in lengths]
+    width = max(lengths)
+    ids = torch.full((len(rows), width), 151643)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    batch = m(ids, attention_mask=mask).logits
+    for i, r in enumerate(rows):
+        alone = m(r[None]).logits[0]
+        assert (batch[i, width - len(r) :] - alone).abs().max().item() < ATOL
+    # and generation: greedy continuation of each row equals the row alone
+    gen = m.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=151643)
+    for i, r in enumerate(rows):
+        alone = m.generate(r[None], max_new_tokens=4, do_sample=False, pad_token_id=151643)
+        assert gen[i, width:].tolist() == alone[0, len(r) :].tolist()
+
+
+@torch.no_grad()
+def test_sdpa_equals_eager(tiny_dir):
+    ids = rand_ids(2, 90)
+    a = load(tiny_dir, attn_implementation="sdpa")(ids).logits
+    b = load(tiny_dir, attn_implementation="eager")(ids).logits
+    assert (a - b).abs().max().item() < ATOL
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_window_attention(tmp_path, impl):
+    ckpt = make_tiny(tmp_path / "w", "--seq-length", "64", "--layers", "2")
+    m = load(ckpt, window_size=8, attn_implementation=impl)
+    ids = rand_ids(1, 30)
+    ref = naive_forward(ckpt, ids[0].tolist(), True, True, window=8)
+    assert (m(ids).logits[0] - ref).abs().max().item() < ATOL
+    # with the cache, token by token
+    cache = DynamicCache(config=m.config)
+    steps = [m(ids[:, :10], past_key_values=cache).logits]
+    steps += [m(ids[:, t : t + 1], past_key_values=cache).logits for t in range(10, 30)]
+    assert (torch.cat(steps, 1)[0] - ref).abs().max().item() < ATOL
+    # per-layer windows: None on layer 0
+    m2 = load(ckpt, window_size=[None, 5], attn_implementation=impl)
+    assert not torch.allclose(m2(ids).logits, m(ids).logits)
+
+
+def test_window_one_layer_only_sees_the_window(tmp_path):
+    """One layer, window w: the last position's output only depends on the last w tokens."""
+    ckpt = make_tiny(tmp_path / "w1", "--layers", "1")
+    m = load(ckpt, window_size=6)
+    ids = rand_ids(1, 20)
+    with torch.no_grad():
+        full = m(ids).logits[0, -1]
+        tail = m(ids[:, -6:]).logits[0, -1]
+    assert (full - tail).abs().max().item() < 1e-4
+
+
+@torch.no_grad()
+def test_static_cache_generation_equals_dynamic(model):
+    ids = rand_ids(1, 12)
+    a = model.generate(ids, max_new_tokens=6, do_sample=False)
+    b = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    assert a.tolist() == b.tolist()
+
+
+@torch.no_grad()
+def test_generation_is_greedy_argmax(model):
+    ids = rand_ids(1, 8)
+    gen = model.generate(ids, max_new_tokens=5, do_sample=False)
+    seq = ids
+    for _ in range(5):
+        nxt = model(seq).logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    assert gen.tolist() == seq.tolist()
+
+
+@torch.no_grad()
+def test_stop_words_ids(model):
+    ids = rand_ids(1, 8)
+    free = model.generate(ids, max_new_tokens=6, do_sample=False)[0, 8:].tolist()
+    # stop on the 3rd generated token, given as a single-token and as a 2-token stop word
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, stop_words_ids=[[free[2]]])
+    assert out[0, 8:].tolist() == free[:3]
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, stop_words_ids=[[free[1], free[2]]])
+    assert out[0, 8:].tolist() == free[:3]
+    # and from the generation config
+    model.generation_config.stop_words_ids = [[free[1]]]
+    try:
+        out = model.generate(ids, max_new_tokens=6, do_sample=False)
+    finally:
+        model.generation_config.stop_words_ids = [[151643]]
+    assert out[0, 8:].tolist() == free[:2]
+
+
+def test_official_generation_config_samples(tiny_chat_dir):
+    m = load(tiny_chat_dir)
+    assert m.generation_config.chat_format == "chatml"
+    assert m.generation_config.top_k == 0
+    torch.manual_seed(1)
+    out = m.generate(rand_ids(1, 5), max_new_tokens=3)  # do_sample, top_p 0.8, top_k 0
+    assert out.shape == (1, 8)
+
+
+def test_loss_and_gradient_checkpointing(tiny_dir):
+    m = load(tiny_dir).train()
+    ids = rand_ids(2, 16)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    out = m(ids, labels=labels)
+    logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
+    expected = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert abs(out.loss.item() - expected.item()) < 1e-5
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    m.gradient_checkpointing_enable()
+    m(ids, labels=labels).loss.backward()
+    for n, p in m.named_parameters():
+        assert torch.allclose(p.grad, grads[n], atol=1e-6), n
+
+
+def test_torch_compile_runs(model):
+    ids = rand_ids(1, 6)
+    compiled = torch.compile(model.forward, backend="eager")
+    with torch.no_grad():
+        assert torch.allclose(compiled(ids).logits, model(ids).logits, atol=ATOL)
+
+
+def test_no_split_modules():
+    assert qwen.QWenLMHeadModel._no_split_modules == ["QWenBlock"]
