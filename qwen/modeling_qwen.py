@@ -30,7 +30,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_qwen import PRECISION_FLAGS, QWenConfig
-from .qwen_generation_utils import StopWordsCriteria
+from .qwen_generation_utils import QWenChatMixin, StopWordsCriteria
 
 logger = logging.getLogger(__name__)
 
@@ -362,7 +362,7 @@ class QWenModel(QWenPreTrainedModel):
         )
 
 
-class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
+class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin, QWenChatMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
     def __init__(self, config: QWenConfig):

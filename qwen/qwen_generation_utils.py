@@ -38,3 +38,7 @@ class StopWordsCriteria(StoppingCriteria):
             target = torch.tensor(word, device=input_ids.device, dtype=input_ids.dtype)
             done |= (input_ids[:, -n:] == target).all(dim=-1)
         return done
+
+
+class QWenChatMixin:
+    """``chat()``, ``chat_stream()`` and batch chat for :class:`QWenLMHeadModel`."""
