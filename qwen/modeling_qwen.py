@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import StoppingCriteriaList
 from transformers.masking_utils import create_causal_mask, sliding_window_overlay
@@ -448,8 +448,11 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin, QWenChatMixin):
         """
         flags = {f: kwargs.pop(f) for f in PRECISION_FLAGS if f in kwargs}
         want_info = kwargs.pop("output_loading_info", False)
+        dtype = kwargs.pop("dtype", None)
+        legacy_dtype = kwargs.pop("torch_dtype", None)
+        dtype = dtype if dtype is not None else legacy_dtype
         config = kwargs.pop("config", None)
-        if not isinstance(config, QWenConfig):
+        if not isinstance(config, PretrainedConfig):  # a path, or None
             hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
             config, kwargs = QWenConfig.from_pretrained(
                 config or pretrained_model_name_or_path, return_unused_kwargs=True, **kwargs
@@ -459,9 +462,6 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin, QWenChatMixin):
             setattr(config, flag, bool(value))
         config.validate_qwen()
 
-        dtype = kwargs.pop("dtype", None)
-        legacy_dtype = kwargs.pop("torch_dtype", None)
-        dtype = dtype if dtype is not None else legacy_dtype
         dtype = _resolve_dtype(config, dtype, explicit_flags=any(flags.values()))
         if "attn_implementation" not in kwargs and config._attn_implementation_internal is None:
             kwargs["attn_implementation"] = _choose_attention(config, dtype, kwargs.get("device_map"))

@@ -1,0 +1,271 @@
+"""Config keys, precision flags, weight formats, failure modes, remote code."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import qwen
+from qwen.configuration_qwen import QWenConfig
+
+
+def copy_ckpt(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ----------------------------------------------------------------- config
+
+
+def test_official_config_keys_load(tiny_dir):
+    cfg = AutoConfig.from_pretrained(tiny_dir)
+    assert isinstance(cfg, QWenConfig)
+    raw = json.loads((tiny_dir / "config.json").read_text())
+    for key in ("kv_channels", "seq_length", "rotary_emb_base", "use_dynamic_ntk", "use_logn_attn", "no_bias"):
+        assert getattr(cfg, key) == raw[key]
+    assert cfg.head_dim == cfg.kv_channels
+
+
+def test_legacy_first_release_config(tmp_path, tiny_dir):
+    """The first Qwen-7B release used GPT-2/Megatron names."""
+    ckpt = copy_ckpt(tiny_dir, tmp_path / "legacy")
+    raw = json.loads((ckpt / "config.json").read_text())
+    legacy = {
+        "n_embd": raw.pop("hidden_size"),
+        "n_head": raw.pop("num_attention_heads"),
+        "n_layer": raw.pop("num_hidden_layers"),
+        "ffn_hidden_size": raw.pop("intermediate_size"),
+        "padded_vocab_size": raw["vocab_size"],
+        "n_positions": raw.pop("max_position_embeddings"),
+        "attn_pdrop": 0.0,
+        "embd_pdrop": 0.1,
+        "resid_pdrop": 0.1,
+        "params_dtype": "torch.float32",
+        "activation": "swiglu",
+        "pos_emb": "rotary",
+        "apply_residual_connection_post_layernorm": False,
+        "bias_dropout_fusion": True,
+        "tokenizer_type": "QWenTokenizer",
+    }
+    raw.pop("attn_dropout_prob")
+    raw.pop("emb_dropout_prob")
+    (ckpt / "config.json").write_text(json.dumps(raw | legacy))
+    cfg = AutoConfig.from_pretrained(ckpt)
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers) == (64, 4, 2)
+    assert cfg.intermediate_size == 256 and cfg.emb_dropout_prob == 0.1 and cfg.fp32
+    model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    ref = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    ids = torch.arange(10)[None]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"bf16": True, "fp16": True}, ["bf16", "fp16"]),
+        ({"hidden_size": 64, "num_attention_heads": 4, "kv_channels": 8}, ["hidden_size", "kv_channels"]),
+        ({"intermediate_size": 255}, ["intermediate_size"]),
+        ({"rotary_pct": 0.0}, ["rotary_pct"]),
+        ({"use_flash_attn": "yes"}, ["use_flash_attn"]),
+        ({"window_size": [4]}, ["window_size", "num_hidden_layers"]),
+        ({"window_size": 0}, ["window_size"]),
+        ({"n_embd": 128, "hidden_size": 64}, ["n_embd", "hidden_size"]),
+        ({"activation": "gelu"}, ["activation"]),
+    ],
+)
+def test_inconsistent_config_raises_naming_keys(kwargs, words):
+    base = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 256}
+    with pytest.raises(ValueError) as err:
+        QWenConfig(**(base | kwargs))
+    for word in words:
+        assert word in str(err.value)
+
+
+# ----------------------------------------------------------------- precision
+
+
+@pytest.mark.parametrize(
+    "kwargs, dtype",
+    [
+        ({}, torch.float32),  # no CUDA here: fp32
+        ({"bf16": True}, torch.bfloat16),
+        ({"fp16": True}, torch.float16),
+        ({"fp32": True}, torch.float32),
+        ({"dtype": torch.bfloat16}, torch.bfloat16),
+        ({"torch_dtype": torch.float16}, torch.float16),
+        ({"dtype": "bfloat16"}, torch.bfloat16),
+    ],
+)
+def test_precision_flags(tiny_dir, kwargs, dtype):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, **kwargs)
+    assert model.dtype == dtype
+    assert all(p.dtype == dtype for p in model.parameters())
+
+
+def test_precision_flag_in_config_json(tmp_path, tiny_dir):
+    ckpt = copy_ckpt(tiny_dir, tmp_path / "bf16")
+    raw = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(raw | {"bf16": True}))
+    assert AutoModelForCausalLM.from_pretrained(ckpt).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="bf16 and fp16"):
+        AutoModelForCausalLM.from_pretrained(ckpt, fp16=True)
+
+
+def test_contradicting_flag_and_dtype(tiny_dir):
+    with pytest.raises(ValueError, match="contradicts"):
+        qwen.QWenLMHeadModel.from_pretrained(tiny_dir, bf16=True, dtype=torch.float16)
+
+
+def test_bf16_load_keeps_bf16_values(tiny_dir):
+    """Loading in bf16 gives exactly the stored bf16 tensors (no float32 round trip)."""
+    stored = load_file(str(tiny_dir / "model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, bf16=True)
+    state = model.state_dict()
+    for name, tensor in stored.items():
+        assert torch.equal(state[name], tensor), name
+
+
+# ----------------------------------------------------------------- weights
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path, tiny_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    model.save_pretrained(tmp_path / "saved")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    assert again.dtype == torch.float32
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    ids = torch.arange(20)[None]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def _shard(state, ckpt, fmt):
+    names = sorted(state)
+    shards = [names[: len(names) // 2], names[len(names) // 2 :]]
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        if fmt == "safetensors":
+            fname = f"model-{i:05d}-of-00002.safetensors"
+            save_file({n: state[n] for n in shard}, str(ckpt / fname), metadata={"format": "pt"})
+        else:
+            fname = f"pytorch_model-{i:05d}-of-00002.bin"
+            torch.save({n: state[n] for n in shard}, ckpt / fname)
+        weight_map |= dict.fromkeys(shard, fname)
+    index = "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
+    (ckpt / index).write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_sharded_checkpoints_load(tmp_path, tiny_dir, fmt):
+    ckpt = copy_ckpt(tiny_dir, tmp_path / fmt)
+    state = load_file(str(ckpt / "model.safetensors"))
+    os.remove(ckpt / "model.safetensors")
+    _shard(state, ckpt, fmt)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, bf16=True)
+    for name, tensor in state.items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_missing_weights_fail_loudly(tmp_path, tiny_dir):
+    ckpt = copy_ckpt(tiny_dir, tmp_path / "missing")
+    state = load_file(str(ckpt / "model.safetensors"))
+    del state["transformer.h.1.mlp.w1.weight"]
+    state["transformer.h.0.attn.rotary.extra"] = torch.zeros(2)
+    save_file(state, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError) as err:
+        AutoModelForCausalLM.from_pretrained(ckpt)
+    assert "transformer.h.1.mlp.w1.weight" in str(err.value)
+    assert "transformer.h.0.attn.rotary.extra" in str(err.value)
+
+
+def test_tied_embeddings(tmp_path):
+    from conftest import make_tiny
+
+    ckpt = make_tiny(tmp_path / "tied", "--tie-word-embeddings")
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+# ----------------------------------------------------------------- tiny + remote code
+
+
+def test_tiny_checkpoint_layout(tiny_chat_dir):
+    files = {p.name for p in tiny_chat_dir.iterdir()}
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "qwen.tiktoken",
+        "tokenizer_config.json",
+    } <= files
+    gen = json.loads((tiny_chat_dir / "generation_config.json").read_text())
+    assert gen["chat_format"] == "chatml"
+    assert type(AutoTokenizer.from_pretrained(tiny_chat_dir)) is qwen.QWenTokenizer
+
+
+def test_cli_help():
+    out = subprocess.run([sys.executable, "-m", "qwen", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and "tiny" in out.stdout and "update-remote-code" in out.stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "qwen", "update-remote-code", "/nonexistent"], capture_output=True, text=True
+    )
+    assert out.returncode == 1 and "config.json" in out.stderr
+
+
+REMOTE_SCRIPT = """
+import sys, torch, json
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path = sys.argv[1]
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
+tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+assert "qwen" not in sys.modules, "the package itself must not be imported"
+ids = tok("Hello, world! 你好")["input_ids"]
+with torch.no_grad():
+    logits = model(torch.tensor([ids])).logits
+print(json.dumps({"module": type(model).__module__, "ids": ids, "logits": logits[0, -1, :8].tolist()}))
+"""
+
+
+def test_update_remote_code(tmp_path, tiny_dir):
+    ckpt = copy_ckpt(tiny_dir, tmp_path / "remote")
+    (ckpt / "modeling_qwen.py").write_text("# the old official file\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "qwen", "update-remote-code", str(ckpt)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
+    backups = list(ckpt.glob("remote_code_backup-*"))
+    assert len(backups) == 1 and "previous files kept" in out.stdout
+    assert (backups[0] / "modeling_qwen.py").read_text() == "# the old official file\n"
+    assert (ckpt / "modeling_qwen.py").read_text() == (REPO / "qwen" / "modeling_qwen.py").read_text()
+    assert json.loads((ckpt / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == (
+        "modeling_qwen.QWenLMHeadModel"
+    )
+    # Load with trust_remote_code in a process that never imports the package.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
+    run = subprocess.run(
+        [sys.executable, "-c", REMOTE_SCRIPT, str(ckpt)], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    remote = json.loads(run.stdout.strip().splitlines()[-1])
+    assert remote["module"].startswith("transformers_modules")
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    ids = tok("Hello, world! 你好")["input_ids"]
+    assert remote["ids"] == ids
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0, -1, :8]
+    assert torch.allclose(torch.tensor(remote["logits"]), expected, atol=1e-6)
