@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.generation import StoppingCriteriaList
 from transformers.masking_utils import create_causal_mask, sliding_window_overlay
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -30,6 +30,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_qwen import PRECISION_FLAGS, QWenConfig
+from .kv_cache import Int8KVCache, make_cache, use_int8_cache_for_generation
 from .qwen_generation_utils import QWenChatMixin, StopWordsCriteria
 
 logger = logging.getLogger(__name__)
@@ -179,10 +180,12 @@ class QWenAttention(nn.Module):
         if logn is not None:
             query = query * logn[:, :, None, None].to(query.dtype)
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
-
         interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
+        if isinstance(past_key_values, Int8KVCache):
+            # int8 KV cache (kv_cache.py): stores key/value and attends over the quantized cache
+            interface = past_key_values.attention_interface(interface)
+        elif past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
         out, _ = interface(
             self,
             query,
@@ -324,7 +327,7 @@ class QWenModel(QWenPreTrainedModel):
         if self.gradient_checkpointing and self.training:
             use_cache = False
         if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+            past_key_values = make_cache(self.config)  # int8 with use_cache_quantization
         bsz, q_len = inputs_embeds.shape[:2]
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
@@ -419,6 +422,10 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin, QWenChatMixin):
         )
 
     # ----------------------------------------------------------------- generation
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        use_int8_cache_for_generation(self.config, generation_config, model_kwargs)  # use_cache_quantization
 
     def generate(self, inputs=None, generation_config=None, stopping_criteria=None, **kwargs):
         """``GenerationMixin.generate`` that also honours ``stop_words_ids`` (a list of

@@ -21,6 +21,8 @@ REMOTE_CODE_FILES = (
     "modeling_qwen.py",
     "tokenization_qwen.py",
     "qwen_generation_utils.py",
+    "kv_cache.py",
+    "kv_cache_kernels.py",
 )
 MODEL_AUTO_MAP = {
     "AutoConfig": "configuration_qwen.QWenConfig",
