@@ -192,6 +192,9 @@ class QWenTokenizer(PreTrainedTokenizer):
         super().__init__(errors=errors, **kwargs)
         # The extra vocabulary is folded into the saved qwen.tiktoken, never re-read.
         self.init_kwargs.pop("extra_vocab_file", None)
+        # Loading details that have no business in a saved tokenizer_config.json.
+        for key in ("is_local", "local_files_only", "tokenizer_file"):
+            self.init_kwargs.pop(key, None)
         # Make save_pretrained write the current values of these settings.
         for key in ("padding_side", "truncation_side", "split_special_tokens"):
             self.init_kwargs.setdefault(key, getattr(self, key))
@@ -495,7 +498,13 @@ class QWenTokenizer(PreTrainedTokenizer):
 
         Takes the arguments of ``PreTrainedTokenizer.encode`` (padding, truncation, ...).
         """
-        if text_pair is None and not args and isinstance(text, str) and _is_plain_request(kwargs):
+        if (
+            text_pair is None
+            and not args
+            and isinstance(text, str)
+            and _is_plain_request(kwargs)
+            and kwargs.get("return_tensors") is None
+        ):
             # Nothing to pad, truncate or convert: skip the BatchEncoding machinery.
             ids = self.encode_text(text, **self._encode_options(kwargs))
             if len(ids) > self.model_max_length:
