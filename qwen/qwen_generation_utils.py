@@ -3,8 +3,8 @@
 Kept at the official import path (``qwen_generation_utils``) with the official names, so
 existing user code and the official README's batch example keep working:
 
-- :func:`make_context` builds the prompt (the one ChatML prompt builder of this
-  repository: ``chat()``, the server, finetuning and evaluation all call it),
+- :func:`make_context` builds the prompt: the one ChatML prompt builder of this
+  repository, for ``chat()``, serving, finetuning data and evaluation alike,
 - :func:`decode_tokens` turns generated ids back into the response text,
 - :func:`get_stop_words_ids`, :class:`StopWordsCriteria` and
   :class:`StopWordsLogitsProcessor` deal with stop words,
