@@ -265,3 +265,19 @@ def test_torch_compile_runs(model):
 
 def test_no_split_modules():
     assert qwen.QWenLMHeadModel._no_split_modules == ["QWenBlock"]
+
+
+@torch.no_grad()
+def test_cpu_fp32_matmul_path_matches_half_precision_kernel():
+    """Large bf16 CPU matmuls run in float32; results agree with the bf16 kernel."""
+    from qwen.modeling_qwen import CPU_FP32_MIN_ROWS, QWenLinear
+
+    layer = QWenLinear(64, 96).to(torch.bfloat16)
+    x = torch.randn(CPU_FP32_MIN_ROWS, 64).to(torch.bfloat16)
+    big = layer(x)
+    rows = torch.cat([layer(x[i : i + 1]) for i in range(x.shape[0])])
+    exact = x.double() @ layer.weight.double().T + layer.bias.double()
+    assert big.dtype == torch.bfloat16
+    # both are exact products with float32 accumulation, rounded once to bf16
+    assert (big.double() - exact).abs().max() <= exact.abs().max() * 2**-8
+    assert (rows.double() - exact).abs().max() <= exact.abs().max() * 2**-8

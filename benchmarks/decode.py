@@ -1,0 +1,206 @@
+"""Prefill/decode speed and memory on a Qwen-1.8B-shaped random bf16 checkpoint (CPU).
+
+Runs, alternating, in fresh processes:
+  * ``qwen``   this package's ``QWenLMHeadModel`` on the official-layout checkpoint;
+  * ``qwen2``  ``transformers.Qwen2ForCausalLM`` on the same weights in the Qwen2 layout;
+  * ``probe``  a bf16 GEMV over a matrix the size of ``lm_head`` -> memory bandwidth,
+               and from it the decode bound ``bandwidth / bytes read per token``.
+Each prints one JSON line; the last line is a summary of medians.
+
+    python benchmarks/decode.py --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPE = dict(layers=24, hidden=2048, heads=16, intermediate=11008, vocab_size=151936, seq_length=8192)
+DEFAULT_DIR = Path(os.environ.get("QWEN_BENCH_DIR", Path.home() / ".cache" / "qwen-bench")) / "qwen-1.8b-random"
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident set (VmHWM; ru_maxrss would include the parent's peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def ensure_checkpoints(ckpt: Path) -> tuple[Path, Path]:
+    """The random official-layout checkpoint and its Qwen2-layout twin (made once)."""
+    from qwen.tiny import make_tiny_checkpoint
+
+    if not (ckpt / "model.safetensors").exists():
+        print(f"writing a random Qwen-1.8B-shaped checkpoint to {ckpt} ...", file=sys.stderr)
+        make_tiny_checkpoint(ckpt, chat=True, dtype="bf16", init_std=0.02, **SHAPE)
+    twin = ckpt.with_name(ckpt.name + "-qwen2")
+    if not (twin / "model.safetensors").exists():
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        from qwen.convert import qwen2_config_dict, qwen2_tensors
+
+        twin.mkdir(parents=True, exist_ok=True)
+        out = {}
+        with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+            for name in f.keys():
+                out.update(qwen2_tensors(name, f.get_tensor(name)))
+        save_file(out, str(twin / "model.safetensors"), metadata={"format": "pt"})
+        cfg = json.loads((ckpt / "config.json").read_text())
+        (twin / "config.json").write_text(json.dumps(qwen2_config_dict(cfg), indent=2))
+    return ckpt, twin
+
+
+def run_model(which: str, path: Path, prompt_len: int, new_tokens: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    if which == "qwen":
+        import qwen  # noqa: F401  (registers model_type "qwen")
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    load_s = time.perf_counter() - t0
+    rss_loaded = peak_rss_gib()
+    weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    ids = torch.randint(0, 151643, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    clock = Clock()
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            streamer=clock,
+            pad_token_id=151643,
+        )
+    # put() #0 is the prompt, #1 the first new token, then one per decoded token.
+    ttft = clock.times[1] - start
+    decode = (len(clock.times) - 2) / (clock.times[-1] - clock.times[1])
+    return {
+        "contender": which,
+        "load_s": round(load_s, 2),
+        "ttft_s": round(ttft, 3),
+        "decode_tok_s": round(decode, 3),
+        "peak_rss_gib": round(peak_rss_gib(), 3),
+        "rss_after_load_gib": round(rss_loaded, 3),
+        "weights_gib": round(weights_gib, 3),
+        "new_tokens": int(out.shape[1] - prompt_len),
+        "tokens": out[0, prompt_len:].tolist()[:8],
+    }
+
+
+def run_probe(path: Path) -> dict:
+    import torch
+
+    cfg = json.loads((path / "config.json").read_text())
+    h, v = cfg["hidden_size"], cfg["vocab_size"]
+    w = torch.randn(v, h).to(torch.bfloat16)
+    x = torch.randn(h).to(torch.bfloat16)
+    times = []
+    with torch.inference_mode():
+        for _ in range(3):
+            w @ x
+        for _ in range(15):
+            t = time.perf_counter()
+            w @ x
+            times.append(time.perf_counter() - t)
+    gbs = w.numel() * 2 / statistics.median(times) / 1e9
+    # Bytes one decode step must read: every weight but the embedding table (one row).
+    layers, inter = cfg["num_hidden_layers"], cfg["intermediate_size"] // 2
+    per_layer = 4 * h * h + 3 * h + 3 * h * inter + 2 * h
+    read = 2 * (layers * per_layer + h + v * h)
+    total = read + 2 * v * h
+    return {
+        "contender": "probe",
+        "gemv_gb_s": round(gbs, 2),
+        "bytes_per_token_gb": round(read / 1e9, 3),
+        "decode_bound_tok_s": round(gbs * 1e9 / read, 3),
+        "decode_bound_all_weights_tok_s": round(gbs * 1e9 / total, 3),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", type=Path, default=DEFAULT_DIR, help=f"checkpoint dir (default {DEFAULT_DIR})")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="generated tokens (default 64)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    parser.add_argument("--worker", choices=["qwen", "qwen2", "probe"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        ckpt, twin = args.ckpt, args.ckpt.with_name(args.ckpt.name + "-qwen2")
+        if args.worker == "probe":
+            result = run_probe(ckpt)
+        else:
+            result = run_model(args.worker, ckpt if args.worker == "qwen" else twin, args.prompt, args.new_tokens)
+        print(json.dumps(result), flush=True)
+        return 0
+
+    ensure_checkpoints(args.ckpt)
+    results: dict[str, list[dict]] = {"qwen": [], "qwen2": [], "probe": []}
+    for r in range(args.rounds):
+        order = ["qwen", "qwen2", "probe"] if r % 2 == 0 else ["qwen2", "qwen", "probe"]
+        for which in order:
+            cmd = [sys.executable, __file__, "--worker", which, "--ckpt", str(args.ckpt)]
+            cmd += ["--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stderr[-4000:], file=sys.stderr)
+                return 1
+            line = json.loads(proc.stdout.strip().splitlines()[-1])
+            line["round"] = r
+            print(json.dumps(line), flush=True)
+            results[which].append(line)
+
+    def med(which, key):
+        return statistics.median(x[key] for x in results[which])
+
+    bound = med("probe", "decode_bound_tok_s")
+    summary = {
+        "summary": True,
+        "rounds": args.rounds,
+        "gemv_gb_s": med("probe", "gemv_gb_s"),
+        "decode_bound_tok_s": bound,
+    }
+    for which in ("qwen", "qwen2"):
+        for key in ("load_s", "ttft_s", "decode_tok_s", "peak_rss_gib", "weights_gib"):
+            summary[f"{which}_{key}"] = med(which, key)
+    summary["qwen_decode_vs_bound"] = round(summary["qwen_decode_tok_s"] / bound, 3)
+    summary["qwen_rss_vs_weights"] = round(summary["qwen_peak_rss_gib"] / summary["qwen_weights_gib"], 3)
+    summary["same_greedy_tokens"] = all(
+        a["tokens"] == b["tokens"] for a, b in zip(results["qwen"], results["qwen2"], strict=True)
+    )
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
