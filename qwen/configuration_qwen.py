@@ -88,6 +88,9 @@ class QWenConfig(PretrainedConfig):
         onnx_safe: bool | None = None,
         window_size: int | list[int | None] | None = None,
         use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
         **kwargs,
     ):
         given = dict(
@@ -159,6 +162,11 @@ class QWenConfig(PretrainedConfig):
         self.onnx_safe = onnx_safe
         self.window_size = window_size
         self.use_cache = use_cache
+        # transformers 5 no longer declares these on every config; the official README
+        # passes pad_token_id to from_pretrained, so they must exist to be overridden.
+        self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.validate_qwen()
 

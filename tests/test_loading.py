@@ -121,6 +121,12 @@ def test_precision_flag_in_config_json(tmp_path, tiny_dir):
         AutoModelForCausalLM.from_pretrained(ckpt, fp16=True)
 
 
+def test_official_readme_kwargs(tiny_dir):
+    """The official README passes pad_token_id (and precision flags) to from_pretrained."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, pad_token_id=151643, fp32=True)
+    assert model.config.pad_token_id == 151643
+
+
 def test_contradicting_flag_and_dtype(tiny_dir):
     with pytest.raises(ValueError, match="contradicts"):
         qwen.QWenLMHeadModel.from_pretrained(tiny_dir, bf16=True, dtype=torch.float16)
