@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs the package on a fresh machine and runs the quickstart offline on a tiny
+# random chat checkpoint (pass a real checkpoint path or hub name to use it instead).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install --quiet --upgrade pip
+python -m pip install --quiet "torch==2.13.0"   # CPU build; on a GPU machine install your CUDA build instead
+python -m pip install --quiet -e ".[vocab]"
+ckpt="${1:-}"
+if [ -z "$ckpt" ]; then
+    ckpt="${TMPDIR:-/tmp}/qwen-tiny-chat"
+    python -m qwen tiny "$ckpt" --chat
+fi
+python examples/quickstart.py "$ckpt"
