@@ -275,3 +275,23 @@ def test_update_remote_code(tmp_path, tiny_dir):
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits[0, -1, :8]
     assert torch.allclose(torch.tensor(remote["logits"]), expected, atol=1e-6)
+
+
+def test_flash_attention_falls_back_with_notice(tiny_dir, caplog):
+    caplog.set_level("INFO", logger="qwen.modeling_qwen")
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, use_flash_attn=True)
+    assert model.config._attn_implementation == "sdpa"
+    assert "using SDPA attention because" in caplog.text
+    assert "CUDA is not available" in caplog.text
+    eager = AutoModelForCausalLM.from_pretrained(tiny_dir, use_flash_attn=True, attn_implementation="eager")
+    assert eager.config._attn_implementation == "eager"
+
+
+def test_tiny_rejects_bad_shape(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "qwen", "tiny", str(tmp_path / "bad"), "--hidden", "65", "--heads", "4"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert out.returncode == 1 and "not divisible" in out.stderr and "Traceback" not in out.stderr
