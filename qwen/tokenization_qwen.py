@@ -190,8 +190,6 @@ class QWenTokenizer(PreTrainedTokenizer):
         self._check_added_tokens_decoder(kwargs.pop("added_tokens_decoder", None) or {})
         kwargs.setdefault("clean_up_tokenization_spaces", False)
         super().__init__(errors=errors, **kwargs)
-        # The extra vocabulary is folded into the saved qwen.tiktoken, never re-read.
-        self.init_kwargs.pop("extra_vocab_file", None)
         # Loading details that have no business in a saved tokenizer_config.json.
         for key in ("is_local", "local_files_only", "tokenizer_file"):
             self.init_kwargs.pop(key, None)
@@ -303,6 +301,21 @@ class QWenTokenizer(PreTrainedTokenizer):
     @property
     def all_special_ids(self) -> list[int]:
         return self.convert_tokens_to_ids(self.all_special_tokens)
+
+    @property
+    def added_tokens_encoder(self) -> dict[str, int]:
+        """The special tokens, which play the part of transformers' added tokens.
+
+        (``added_tokens_decoder`` stays empty, so that saved configurations do not list
+        the 208 fixed tokens.)
+        """
+        return dict(SPECIAL_TOKENS)
+
+    def _get_control_tokens(self, chat_template: str) -> tuple[str, ...]:
+        # What apply_chat_template(..., sanitize_control_tokens=True) neutralises in messages.
+        if self.chat_control_tokens is not None:
+            return tuple(token for token in SPECIAL_TOKENS if token in set(self.chat_control_tokens))
+        return tuple(SPECIAL_TOKENS)
 
     def get_special_tokens_mask(
         self, token_ids_0: list[int], token_ids_1: list[int] | None = None, already_has_special_tokens: bool = False
@@ -599,13 +612,23 @@ class QWenTokenizer(PreTrainedTokenizer):
             )
         kwargs.setdefault("split_special_tokens", self.split_special_tokens)
         options = self._pop_encode_options(kwargs)
+        if kwargs.pop("sanitize_control_tokens", False):
+            # apply_chat_template(..., sanitize_control_tokens=True): special-token text that
+            # came from the messages is plain text, the template's own is special.
+            def encode(chat: str) -> list[int]:
+                return _encode_marked_chat(self, chat)
+        else:
+
+            def encode(chat: str) -> list[int]:
+                return self.encode_text(chat, **options)
+
         if text_pair is not None or return_overflowing_tokens:
             # Pairs and overflow windows: ids here, the rest in prepare_for_model.
             if not (single and (text_pair is None or isinstance(text_pair, str))):
                 raise ValueError("text_pair must be a string when text is a string")
             return self.prepare_for_model(
-                self.encode_text(text, **options),
-                pair_ids=self.encode_text(text_pair, **options) if text_pair is not None else None,
+                encode(text),
+                pair_ids=encode(text_pair) if text_pair is not None else None,
                 padding=padding_strategy.value,
                 truncation=truncation_strategy.value,
                 prepend_batch_axis=True,
@@ -614,7 +637,7 @@ class QWenTokenizer(PreTrainedTokenizer):
 
         # Lean path for a string or a batch of strings. Qwen adds no special tokens, so
         # this only has to truncate, build the masks and pad.
-        batch = [self.encode_text(text, **options)] if single else [self.encode_text(item, **options) for item in text]
+        batch = [encode(text)] if single else [encode(item) for item in text]
         if max_length is not None and truncation_strategy in (
             TruncationStrategy.LONGEST_FIRST,
             TruncationStrategy.ONLY_FIRST,
@@ -800,6 +823,14 @@ class QWenTokenizer(PreTrainedTokenizer):
 def _fast_special_token(added_token_class: Any, content: str) -> Any:
     # normalized=True: matched on the NFC-normalised text, as QWenTokenizer.encode_text does.
     return added_token_class(content, special=True, normalized=True, lstrip=False, rstrip=False, single_word=False)
+
+
+def _encode_marked_chat(tokenizer: QWenTokenizer, chat: str) -> list[int]:
+    try:
+        from transformers.utils.chat_template_utils import encode_marked_chat
+    except ImportError as error:  # transformers without sanitize_control_tokens
+        raise NotImplementedError("sanitize_control_tokens needs a newer transformers") from error
+    return encode_marked_chat(tokenizer, chat)
 
 
 # Keyword arguments of __call__ / encode that the single-string fast path can honour.
