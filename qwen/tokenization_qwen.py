@@ -519,7 +519,10 @@ class QWenTokenizer(PreTrainedTokenizer):
             and kwargs.get("return_tensors") is None
         ):
             # Nothing to pad, truncate or convert: skip the BatchEncoding machinery.
-            ids = self.encode_text(text, **self._encode_options(kwargs))
+            if kwargs:
+                ids = self.encode_text(text, **self._encode_options(kwargs))
+            else:
+                ids = self.encode_text(text, None, (), self.split_special_tokens)
             if len(ids) > self.model_max_length:
                 self._eventual_warn_about_too_long_sequence(ids, None, kwargs.get("verbose", True))
             return ids
@@ -532,7 +535,10 @@ class QWenTokenizer(PreTrainedTokenizer):
         """
         if text_pair is None and not args and isinstance(text, str) and _is_plain_request(kwargs):
             # The common single-string call, without the generic argument plumbing.
-            ids = self.encode_text(text, **self._encode_options(kwargs))
+            if kwargs:
+                ids = self.encode_text(text, **self._encode_options(kwargs))
+            else:
+                ids = self.encode_text(text, None, (), self.split_special_tokens)
             if len(ids) > self.model_max_length:
                 self._eventual_warn_about_too_long_sequence(ids, None, kwargs.get("verbose", True))
             data: dict[str, Any] = {"input_ids": ids}
