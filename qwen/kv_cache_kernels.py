@@ -120,8 +120,9 @@ if triton is not None:
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         pid_s = tl.program_id(2)
-        b = pid_bh // H
-        h = pid_bh % H
+        # 64-bit row and head offsets: a large cache exceeds 2**31 elements
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -327,7 +328,7 @@ def int8_attention(
         BLOCK_N=_BLOCK_N,
         BLOCK_D=block_d,
         DOT_DTYPE=tl.float32 if _interpreting() else _TL_DTYPES[query.dtype],
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 or _interpreting() else "tf32",
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 or _interpreting() else None,
         num_warps=4,
     )
     if splits == 1:

@@ -335,6 +335,27 @@ def test_window_attention_with_int8_cache(ckpt):
     assert (torch.stack(out.logits) - torch.stack(ref.logits)).abs().mean() < 0.01
 
 
+@torch.no_grad()
+def test_chat_and_chat_stream_use_int8_cache(tiny_chat_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    made = []
+
+    class Spy(Int8KVCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(kv_cache, "Int8KVCache", Spy)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_dir)
+    model = load(tiny_chat_dir, use_cache_quantization=True)
+    greedy = dict(do_sample=False, max_new_tokens=6)
+    response, history = model.chat(tokenizer, "你好", history=None, **greedy)
+    streamed = list(model.chat_stream(tokenizer, "你好", history=None, **greedy))
+    assert len(made) == 2 and all(c.get_seq_length() > 0 for c in made)
+    assert streamed[-1] == response and history[-1][1] == response
+
+
 @pytest.mark.skipif(INTERPRETING, reason="the kernels can run here (TRITON_INTERPRET=1)")
 def test_kernel_request_on_cpu_logs_notice_and_uses_torch_path(ckpt, caplog, monkeypatch):
     monkeypatch.setattr(kv_cache, "_NOTICES", set())
