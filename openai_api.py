@@ -1,0 +1,84 @@
+"""An OpenAI-compatible API server for Qwen-1 chat models, with continuous batching.
+
+    pip install "qwen[serve]"
+    python openai_api.py -c Qwen/Qwen-7B-Chat --server-port 8000
+
+Then use any OpenAI client with ``base_url="http://127.0.0.1:8000/v1"``. Endpoints:
+/v1/chat/completions (tools / functions through ReAct), /v1/completions, /v1/models,
+/health; OpenAPI docs at /docs. See docs/openai_api.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--checkpoint-path", required=True, help="checkpoint directory or hub id")
+    parser.add_argument("--server-name", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--server-port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--cpu-only", action="store_true", help="run on the CPU even when CUDA is available")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        default="auto",
+        help="weights dtype; auto: fp32 on CPU (fastest for batched decoding there), the checkpoint's on CUDA",
+    )
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    parser.add_argument("--api-auth", metavar="USER:PASSWORD", help="accept HTTP basic auth with these on /v1/*")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="most requests decoded together (default 16)")
+    parser.add_argument(
+        "--max-queue", type=int, default=64, help="most requests waiting for a batch slot; then 429 (default 64)"
+    )
+    parser.add_argument(
+        "--max-model-len", type=int, help="most prompt + completion tokens per request (default: config seq_length)"
+    )
+    parser.add_argument(
+        "--max-prefill-tokens", type=int, default=4096, help="most padded prompt tokens per prefill (default 4096)"
+    )
+    parser.add_argument("--served-model-name", help="model id in replies (default: the checkpoint's directory name)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--enable-test-hooks", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.api_auth is not None and ":" not in args.api_auth:
+        parser.error("--api-auth must be USER:PASSWORD")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvicorn
+
+        from qwen.serving.app import create_app, load_engine
+    except ImportError as error:
+        print(f"missing dependency ({error}); install the serve extra: pip install 'qwen[serve]'", file=sys.stderr)
+        return 1
+
+    engine = load_engine(
+        args.checkpoint_path,
+        cpu_only=args.cpu_only,
+        dtype=args.dtype,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        max_model_len=args.max_model_len,
+        max_prefill_tokens=args.max_prefill_tokens,
+    )
+    name = args.served_model_name or args.checkpoint_path.rstrip("/").split("/")[-1]
+    app = create_app(
+        engine,
+        served_model_name=name,
+        api_key=args.api_key,
+        api_auth=args.api_auth,
+        enable_test_hooks=args.enable_test_hooks,
+    )
+    uvicorn.run(app, host=args.server_name, port=args.server_port, log_level=args.log_level, access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
