@@ -870,20 +870,24 @@ def _is_plain_request(kwargs: dict[str, Any]) -> bool:
 
 
 def _nfc(text: str) -> str:
-    """``unicodedata.normalize("NFC", text)``, normalising only the lines that need it.
+    """``unicodedata.normalize("NFC", text)``, a line at a time for long texts.
 
-    Most text already is NFC, which the quick check confirms at memory speed; full
-    normalisation runs at a few tens of MB/s. A line break never composes or reorders
-    with its neighbours, so lines can be normalised separately.
+    Normalisation is cheap for text that passes the quick check (nearly all text), but a
+    single character that only "may" be normalised (a combining mark) sends the whole
+    string through full normalisation, an order of magnitude slower. A line break never
+    composes or reorders with its neighbours, so lines can be normalised separately and
+    only the lines holding such characters pay for it.
     """
-    if unicodedata.is_normalized("NFC", text):
+    if text.isascii():
         return text
-    if "\n" not in text:
+    if len(text) <= 2048 or "\n" not in text:
         return unicodedata.normalize("NFC", text)
-    return "\n".join(
-        line if unicodedata.is_normalized("NFC", line) else unicodedata.normalize("NFC", line)
-        for line in text.split("\n")
-    )
+    lines = text.split("\n")
+    normalized = [unicodedata.normalize("NFC", line) for line in lines]
+    # normalize() returns its argument itself when the quick check passes.
+    if all(new is old for new, old in zip(normalized, lines, strict=True)):
+        return text
+    return "\n".join(normalized)
 
 
 def _check_errors(errors: str) -> str:

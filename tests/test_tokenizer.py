@@ -271,7 +271,11 @@ def test_round_trips(tok):
 def test_nfc_by_lines_equals_full_normalisation():
     from qwen.tokenization_qwen import _nfc
 
+    rng = random.Random(0)
+    pool = "abc \n\u0301\u0304\u0338>e\u1100\u1161\u11a8喝ā\u0300"
     texts = CORPUS + FUZZ + ["a\u0301\nb\u0301", "喝\n\n\u0338x\n", "\n\u0301", "e\n\u0301\n", "\u1100\n\u1161"]
+    texts += ["\n".join(CORPUS) * 3, "\n".join(FUZZ), "你好\n" * 3000]
+    texts += ["".join(rng.choice(pool) for _ in range(rng.randint(2000, 6000))) for _ in range(50)]
     for text in texts:
         assert _nfc(text) == unicodedata.normalize("NFC", text), repr(text)
 
