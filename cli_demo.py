@@ -509,7 +509,11 @@ def main(argv: list[str] | None = None) -> int:
         dtype=str(model.dtype).removeprefix("torch."),
         seed=args.seed,
     )
-    return Session(model, tokenizer, generation_config, args.seed, args.system, banner).run()
+    try:
+        return Session(model, tokenizer, generation_config, args.seed, args.system, banner).run()
+    except KeyboardInterrupt:  # a second Ctrl-C while an interrupted answer winds down
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
