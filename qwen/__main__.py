@@ -34,6 +34,22 @@ def _update_remote_code(args: argparse.Namespace) -> None:
         print(f"previous files kept in {backup}")
 
 
+def _convert_qwen2(args: argparse.Namespace) -> None:
+    from .convert import convert_qwen2
+
+    dst = convert_qwen2(
+        args.src_dir,
+        args.dst_dir,
+        dtype=args.dtype,
+        max_position=args.max_position,
+        rope_scaling=args.rope_scaling,
+        max_shard_size=args.max_shard_size,
+        force=args.force,
+        progress=not args.no_progress,
+    )
+    print(f"wrote a Qwen2ForCausalLM checkpoint to {dst}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m qwen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -68,6 +84,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt_dir", help="an official-layout Qwen-1 checkpoint directory")
     p.add_argument("--no-backup", action="store_true", help="do not keep copies of replaced files")
     p.set_defaults(func=_update_remote_code)
+
+    p = sub.add_parser(
+        "convert-qwen2",
+        help="export a checkpoint to the Qwen2 layout (vLLM, SGLang, llama.cpp, plain transformers)",
+        description="Convert an official-layout Qwen-1 checkpoint (model.safetensors, sharded safetensors or "
+        "pytorch_model*.bin) into a standard Qwen2ForCausalLM checkpoint: renamed weights with c_attn split "
+        "into q/k/v, a model_type 'qwen2' config.json, a fast tokenizer (tokenizer.json) with the ChatML chat "
+        "template and a generation_config.json. Within seq_length the export computes the same function. "
+        "Weights are streamed tensor by tensor. See docs/export.md.",
+    )
+    p.add_argument("src_dir", help="an official-layout Qwen-1 checkpoint directory")
+    p.add_argument("dst_dir", help="directory to write (created if missing)")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        default="auto",
+        help="dtype of the written weights (default auto: as stored in SRC_DIR)",
+    )
+    p.add_argument(
+        "--max-position",
+        type=int,
+        default=None,
+        metavar="N",
+        help="context length to declare (default: the trained seq_length); beyond seq_length the export "
+        "does not reproduce Qwen-1's dynamic NTK/logN scaling",
+    )
+    p.add_argument(
+        "--rope-scaling",
+        choices=["none", "yarn", "dynamic"],
+        default="none",
+        help="rope scaling entry for --max-position beyond seq_length, factor N/seq_length (default none)",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default 5GB); larger models get an index",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite a checkpoint already in DST_DIR")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_convert_qwen2)
     return parser
 
 

@@ -1,16 +1,98 @@
-"""Qwen-1 -> Qwen2 layout: tensor names and config.
+"""Export a Qwen-1 checkpoint to the standard Qwen2 layout (``Qwen2ForCausalLM``).
 
 Within its trained context (``seq_length``) a Qwen-1 model computes the same function
 as a ``Qwen2ForCausalLM`` of the same width with ``rope_theta = rotary_emb_base``,
-q/k/v biases, no o_proj bias and untied embeddings.
+q/k/v biases, no o_proj bias and untied embeddings. The export renames the tensors,
+splits ``c_attn`` into ``q_proj``/``k_proj``/``v_proj`` and writes a ``config.json``,
+a fast tokenizer with a ChatML chat template and a ``generation_config.json`` that
+transformers, vLLM, SGLang and llama.cpp's GGUF converter read natively.
+
+The weights are streamed: each output tensor is copied from the source files in
+blocks of rows (``BLOCK_BYTES`` at a time), so the converter's memory does not grow
+with the model. Safetensors sources are read with plain file reads (not mapped into
+the process); ``pytorch_model*.bin`` sources are opened one shard at a time with
+``torch.load(mmap=True, weights_only=True)``.
+
+Public entry points: :func:`convert_qwen2` (what ``python -m qwen convert-qwen2`` runs),
+and the building blocks :func:`qwen2_tensors`, :func:`qwen2_config_dict`,
+:func:`qwen2_generation_config_dict`, :func:`write_qwen2_weights` and
+:func:`export_tokenizer`.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import os
 import re
+import shutil
+import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
+
+EOD_ID = 151643  # <|endoftext|>
+IM_END_ID = 151645  # <|im_end|>
+DEFAULT_SYSTEM = "You are a helpful assistant."
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+BLOCK_BYTES = 16 * 2**20  # rows are copied in blocks of about this many source bytes
+
+# The prompt of qwen_generation_utils.make_context as a Jinja chat template: ChatML,
+# one message per "<|im_start|>role\ncontent<|im_end|>" block, blocks joined by "\n",
+# and the default system prompt of QWenLMHeadModel.chat() when no system message is given.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if loop.first and message['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM + "<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+_ST_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
+_CONFIG_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+# Files that make a directory "hold a checkpoint" (refused as a destination without force).
+_CHECKPOINT_FILES = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+# Non-persistent buffers that some saved Qwen-1 state dicts still carry.
+_SKIPPED = re.compile(r"(^|\.)(rotary_emb\.inv_freq|masked_bias)$")
+
+
+class ConversionError(ValueError):
+    """The source cannot be converted exactly, or the destination is not usable."""
+
+
+# --------------------------------------------------------------------------- names
+
 
 _LAYER = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
 _RENAMES = {
@@ -28,51 +110,649 @@ _TOP = {
 }
 
 
-def qwen2_tensors(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """The Qwen2 tensors that one Qwen-1 tensor becomes (``c_attn`` splits in three)."""
+def qwen2_parts(name: str, shape: tuple[int, ...] | torch.Size) -> list[tuple[str, int, int]]:
+    """``(qwen2_name, first_row, end_row)`` for each Qwen2 tensor that the Qwen-1 tensor
+    ``name`` of this ``shape`` becomes: rows of dim 0 (``c_attn`` splits in three)."""
+    rows = int(shape[0]) if len(shape) else 1
     if name in _TOP:
-        yield _TOP[name], tensor
-        return
+        return [(_TOP[name], 0, rows)]
     match = _LAYER.match(name)
     if match is None:
-        raise ValueError(f"unexpected tensor {name!r}: not part of the Qwen-1 layout")
+        raise ConversionError(f"unexpected tensor {name!r}: not part of the Qwen-1 layout")
     layer, rest = match.groups()
     prefix = f"model.layers.{layer}."
     if rest in ("attn.c_attn.weight", "attn.c_attn.bias"):
-        kind = rest.rsplit(".", 1)[1]
-        for part, chunk in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0), strict=True):
-            yield f"{prefix}self_attn.{part}.{kind}", chunk.contiguous()
-    elif rest in _RENAMES:
-        yield prefix + _RENAMES[rest], tensor
-    else:
-        raise ValueError(f"tensor {name!r} has no Qwen2 counterpart (biases on c_proj/MLP are not supported by Qwen2)")
+        if rows % 3:
+            raise ConversionError(f"{name} has {rows} rows, not a multiple of 3 (q, k, v)")
+        kind, third = rest.rsplit(".", 1)[1], rows // 3
+        return [
+            (f"{prefix}self_attn.{part}.{kind}", index * third, (index + 1) * third)
+            for index, part in enumerate(("q_proj", "k_proj", "v_proj"))
+        ]
+    if rest in _RENAMES:
+        return [(prefix + _RENAMES[rest], 0, rows)]
+    raise ConversionError(
+        f"tensor {name!r} has no Qwen2 counterpart (biases on c_proj/MLP, adapters or quantized "
+        "weights cannot be expressed in Qwen2ForCausalLM)"
+    )
 
 
-def qwen2_config_dict(cfg: dict, max_position: int | None = None) -> dict:
-    """A ``Qwen2Config`` dict for a Qwen-1 ``config.json`` dict."""
+def qwen2_tensors(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """The Qwen2 tensors that one Qwen-1 tensor becomes (``c_attn`` splits in three)."""
+    for new_name, start, end in qwen2_parts(name, tensor.shape):
+        if start == 0 and end == (tensor.shape[0] if tensor.ndim else 1):
+            yield new_name, tensor
+        else:
+            yield new_name, tensor[start:end].contiguous()
+
+
+# --------------------------------------------------------------------------- config
+
+
+def check_convertible(cfg: dict) -> None:
+    """Raise :class:`ConversionError` unless the Qwen-1 config has an exact Qwen2 equivalent."""
+    if cfg.get("model_type") not in (None, "qwen"):
+        raise ConversionError(f"config.json has model_type={cfg.get('model_type')!r}; expected a Qwen-1 'qwen' model")
+    if cfg.get("quantization_config"):
+        method = cfg["quantization_config"].get("quant_method", "unknown")
+        raise ConversionError(
+            f"this is a quantized ({method}) checkpoint; converting -Int4/-Int8 (GPTQ) checkpoints is not "
+            "supported yet. Convert the unquantized model and quantize the Qwen2 export with your engine's tools."
+        )
     if float(cfg.get("rotary_pct", 1.0)) != 1.0:
-        raise ValueError(f"rotary_pct={cfg['rotary_pct']} < 1 has no exact Qwen2 equivalent; refusing to convert")
+        raise ConversionError(
+            f"rotary_pct={cfg['rotary_pct']} < 1 (RoPE on part of each head) has no exact Qwen2 equivalent"
+        )
     if not cfg.get("no_bias", True):
-        raise ValueError("no_bias=false (biases on c_proj and the MLP) has no exact Qwen2 equivalent")
-    heads = cfg["num_attention_heads"]
-    return {
+        raise ConversionError(
+            "no_bias=false (biases on attn.c_proj and the MLP) has no exact Qwen2 equivalent: "
+            "Qwen2 has no o_proj or MLP biases"
+        )
+    if not cfg.get("scale_attn_weights", True):
+        raise ConversionError("scale_attn_weights=false (unscaled attention) has no exact Qwen2 equivalent")
+    if cfg.get("window_size") is not None:
+        raise ConversionError("window_size (windowed attention) has no exact Qwen2 equivalent")
+    heads, hidden = int(cfg["num_attention_heads"]), int(cfg["hidden_size"])
+    kv_channels = int(cfg.get("kv_channels") or hidden // heads)
+    if kv_channels * heads != hidden:
+        raise ConversionError(
+            f"kv_channels*num_attention_heads = {kv_channels}*{heads} differs from hidden_size={hidden}; "
+            "Qwen2 engines assume head_dim = hidden_size / num_attention_heads"
+        )
+
+
+def _rope(theta: float, seq_length: int, max_position: int, rope_scaling: str | None) -> tuple[int, dict, dict | None]:
+    """``(max_position_embeddings, rope_parameters, legacy rope_scaling)``."""
+    params: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
+    if rope_scaling in (None, "none"):
+        return max_position, params, None
+    factor = max_position / seq_length
+    if factor <= 1:
+        raise ConversionError(f"--rope-scaling {rope_scaling} needs --max-position above seq_length={seq_length}")
+    if rope_scaling == "yarn":
+        scaling = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": seq_length}
+        position = max_position
+    elif rope_scaling == "dynamic":
+        # Dynamic NTK grows from max_position_embeddings: keep it at the trained length, so
+        # that transformers leaves prompts within seq_length untouched.
+        scaling = {"rope_type": "dynamic", "factor": factor}
+        position = seq_length
+    else:
+        raise ConversionError(f"unknown rope scaling {rope_scaling!r}; expected none, yarn or dynamic")
+    params.update(scaling)
+    # The pre-transformers-5 spelling (rope_scaling with "type"), read by older engines.
+    legacy = {**scaling, "type": scaling["rope_type"]}
+    return position, params, legacy
+
+
+def qwen2_config_dict(
+    cfg: dict,
+    max_position: int | None = None,
+    *,
+    rope_scaling: str | None = None,
+    dtype: torch.dtype | str = torch.bfloat16,
+    chat: bool = False,
+) -> dict:
+    """A ``Qwen2Config`` dict (``config.json``) for a Qwen-1 ``config.json`` dict.
+
+    ``max_position`` defaults to ``seq_length``. Beyond ``seq_length``, ``rope_scaling``
+    ("yarn" or "dynamic") adds a rope-scaling entry with ``factor = max_position /
+    seq_length``; Qwen-1's own dynamic NTK and logN scaling have no Qwen2 equivalent, so
+    the model then computes a different function beyond ``seq_length`` (and, with yarn,
+    slightly different within it too).
+
+    The RoPE base is written both as transformers 5 reads it (``rope_parameters``) and as
+    older readers do (top-level ``rope_theta``, and ``rope_scaling`` when scaled).
+    """
+    check_convertible(cfg)
+    seq_length = int(cfg.get("seq_length") or cfg.get("max_position_embeddings") or 8192)
+    theta = float(cfg.get("rotary_emb_base", 10000))
+    position, rope_parameters, legacy_scaling = _rope(theta, seq_length, int(max_position or seq_length), rope_scaling)
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype]
+    layers = int(cfg["num_hidden_layers"])
+    out = {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
-        "vocab_size": cfg["vocab_size"],
-        "hidden_size": cfg["hidden_size"],
-        "intermediate_size": cfg["intermediate_size"] // 2,
-        "num_hidden_layers": cfg["num_hidden_layers"],
-        "num_attention_heads": heads,
-        "num_key_value_heads": heads,
-        "head_dim": cfg.get("kv_channels", cfg["hidden_size"] // heads),
+        "vocab_size": int(cfg["vocab_size"]),
+        "hidden_size": int(cfg["hidden_size"]),
+        "intermediate_size": int(cfg["intermediate_size"]) // 2,
+        "num_hidden_layers": layers,
+        "num_attention_heads": int(cfg["num_attention_heads"]),
+        "num_key_value_heads": int(cfg["num_attention_heads"]),
         "hidden_act": "silu",
-        "max_position_embeddings": max_position or cfg["seq_length"],
-        "rms_norm_eps": cfg.get("layer_norm_epsilon", 1e-6),
-        "rope_theta": float(cfg.get("rotary_emb_base", 10000)),
+        "max_position_embeddings": position,
+        "rms_norm_eps": float(cfg.get("layer_norm_epsilon", 1e-6)),
+        "rope_theta": theta,
+        "rope_parameters": rope_parameters,
         "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", False)),
         "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": layers,
         "attention_dropout": 0.0,
-        "bos_token_id": 151643,
-        "eos_token_id": 151643,
-        "torch_dtype": "bfloat16",
+        "initializer_range": float(cfg.get("initializer_range", 0.02)),
+        "use_cache": True,
+        "bos_token_id": EOD_ID,
+        "eos_token_id": IM_END_ID if chat else EOD_ID,
+        "torch_dtype": _CONFIG_DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")),
     }
+    if legacy_scaling is not None:
+        out["rope_scaling"] = legacy_scaling
+    return out
+
+
+_GENERATION_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
+
+
+def qwen2_generation_config_dict(gen: dict | None) -> tuple[dict, bool]:
+    """``(generation_config.json dict, chat)`` for a Qwen-1 generation config dict.
+
+    A chat model (``chat_format: "chatml"``) stops on ``<|im_end|>`` and ``<|endoftext|>``;
+    a base model on ``<|endoftext|>``. The sampling defaults are kept.
+    """
+    gen = gen or {}
+    chat = gen.get("chat_format") == "chatml"
+    out: dict[str, Any] = {
+        "bos_token_id": EOD_ID,
+        "eos_token_id": [IM_END_ID, EOD_ID] if chat else EOD_ID,
+        "pad_token_id": EOD_ID,
+    }
+    out.update({key: gen[key] for key in _GENERATION_KEYS if gen.get(key) is not None})
+    return out, chat
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class _SourceTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: _SourceFile
+
+    def read_rows(self, start: int, end: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def row_bytes(self) -> int:
+        return math.prod(self.shape[1:]) * self.dtype.itemsize
+
+
+class _SourceFile:
+    path: Path
+
+    def tensors(self) -> list[_SourceTensor]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class _SafetensorsTensor(_SourceTensor):
+    def __init__(self, file: _SafetensorsFile, name: str, dtype: torch.dtype, shape: tuple[int, ...], offset: int):
+        self.file, self.name, self.dtype, self.shape, self.offset = file, name, dtype, shape, offset
+
+    def read_rows(self, start: int, end: int) -> torch.Tensor:
+        shape = (end - start, *self.shape[1:]) if self.shape else ()
+        count = math.prod(shape)
+        if count == 0:
+            return torch.empty(shape, dtype=self.dtype)
+        row_bytes = self.row_bytes if self.shape else self.dtype.itemsize
+        buffer = bytearray(count * self.dtype.itemsize)
+        self.file.read_into(self.offset + start * row_bytes, buffer)
+        return torch.frombuffer(buffer, dtype=self.dtype).view(shape)
+
+
+class _SafetensorsFile(_SourceFile):
+    """A ``.safetensors`` file read with ordinary reads (never mapped into the process)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._handle = None
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            raw = handle.read(8)
+            if len(raw) != 8:
+                raise ConversionError(f"{path} is not a safetensors file (too short)")
+            (header_len,) = struct.unpack("<Q", raw)
+            if header_len > min(size - 8, 100 * 2**20):
+                raise ConversionError(f"{path} is not a safetensors file (bad header length)")
+            header = json.loads(handle.read(header_len))
+        self._data_start = 8 + header_len
+        self._tensors: list[_SourceTensor] = []
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in _ST_DTYPES:
+                raise ConversionError(f"{path}: tensor {name} has dtype {info['dtype']}, which is not supported")
+            begin, end = info["data_offsets"]
+            tensor = _SafetensorsTensor(self, name, _ST_DTYPES[info["dtype"]], tuple(info["shape"]), begin)
+            if end - begin != math.prod(tensor.shape) * tensor.dtype.itemsize or self._data_start + end > size:
+                raise ConversionError(f"{path}: tensor {name} has inconsistent data offsets (truncated file?)")
+            self._tensors.append(tensor)
+        self._tensors.sort(key=lambda t: t.offset)
+
+    def tensors(self) -> list[_SourceTensor]:
+        return list(self._tensors)
+
+    def read_into(self, offset: int, buffer: bytearray) -> None:
+        if self._handle is None:
+            self._handle = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+        self._handle.seek(self._data_start + offset)
+        view = memoryview(buffer)
+        while view:
+            got = self._handle.readinto(view)
+            if not got:
+                raise ConversionError(f"{self.path}: unexpected end of file")
+            view = view[got:]
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+class _TorchTensor(_SourceTensor):
+    def __init__(self, file: _TorchFile, name: str, dtype: torch.dtype, shape: tuple[int, ...]):
+        self.file, self.name, self.dtype, self.shape = file, name, dtype, shape
+
+    def read_rows(self, start: int, end: int) -> torch.Tensor:
+        tensor = self.file.state()[self.name]
+        return tensor[start:end] if tensor.ndim else tensor
+
+
+class _TorchFile(_SourceFile):
+    """A ``pytorch_model*.bin`` shard, memory-mapped while it is being copied."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._state: dict[str, torch.Tensor] | None = None
+        state = self.state()
+        self._tensors: list[_SourceTensor] = [
+            _TorchTensor(self, name, value.dtype, tuple(value.shape))
+            for name, value in state.items()
+            if isinstance(value, torch.Tensor)
+        ]
+        self.close()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        if self._state is None:
+            try:
+                state = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError as err:
+                raise ConversionError(
+                    f"cannot memory-map {self.path} ({err}); re-save it with torch.save (zip format) or as safetensors"
+                ) from err
+            if not isinstance(state, dict):
+                raise ConversionError(f"{self.path} does not hold a state dict")
+            self._state = state
+        return self._state
+
+    def tensors(self) -> list[_SourceTensor]:
+        return list(self._tensors)
+
+    def close(self) -> None:
+        self._state = None
+
+
+def _source_files(src: Path) -> list[_SourceFile]:
+    """The weight files of an official-layout checkpoint, in index order."""
+    for index_name, single, kind in (
+        ("model.safetensors.index.json", "model.safetensors", _SafetensorsFile),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin", _TorchFile),
+    ):
+        index = src / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = list(dict.fromkeys(weight_map.values()))
+            missing = [name for name in names if not (src / name).is_file()]
+            if missing:
+                raise ConversionError(f"{index} lists shards that are missing: {missing[:3]}")
+            return [kind(src / name) for name in sorted(names)]
+        if (src / single).is_file():
+            return [kind(src / single)]
+    raise ConversionError(
+        f"{src} has no weights: expected model.safetensors, model.safetensors.index.json, "
+        "pytorch_model.bin or pytorch_model.bin.index.json"
+    )
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class _Output:
+    """One Qwen2 tensor: rows ``start:end`` of a source tensor, stored as ``dtype``."""
+
+    name: str
+    source: _SourceTensor
+    start: int
+    end: int
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.end - self.start, *self.source.shape[1:]) if self.source.shape else ()
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    hidden, vocab, layers = int(cfg["hidden_size"]), int(cfg["vocab_size"]), int(cfg["num_hidden_layers"])
+    width = int(cfg["intermediate_size"]) // 2
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    if not cfg.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (vocab, hidden)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for part in ("q_proj", "k_proj", "v_proj"):
+            shapes[f"{p}self_attn.{part}.weight"] = (hidden, hidden)
+            shapes[f"{p}self_attn.{part}.bias"] = (hidden,)
+        shapes[p + "self_attn.o_proj.weight"] = (hidden, hidden)
+        shapes[p + "mlp.gate_proj.weight"] = (width, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (width, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, width)
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    return shapes
+
+
+def _plan(files: list[_SourceFile], cfg: dict, dtype: torch.dtype | None) -> list[_Output]:
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    outputs: list[_Output] = []
+    seen: dict[str, Path] = {}
+    for file in files:
+        for tensor in file.tensors():
+            if _SKIPPED.search(tensor.name) or (tied and tensor.name == "lm_head.weight"):
+                logger.debug("skipping %s", tensor.name)
+                continue
+            if tensor.name in seen:
+                raise ConversionError(f"tensor {tensor.name} appears in both {seen[tensor.name]} and {file.path}")
+            seen[tensor.name] = file.path
+            if not tensor.dtype.is_floating_point:
+                raise ConversionError(
+                    f"tensor {tensor.name} in {file.path} is {tensor.dtype}, not floating point "
+                    "(a quantized checkpoint?); only unquantized checkpoints can be converted"
+                )
+            for name, start, end in qwen2_parts(tensor.name, tensor.shape):
+                outputs.append(_Output(name, tensor, start, end, dtype or tensor.dtype))
+    expected = _expected_shapes(cfg)
+    got = {output.name: output.shape for output in outputs}
+    missing = sorted(set(expected) - set(got))
+    if missing:
+        raise ConversionError(f"the checkpoint is incomplete: {len(missing)} tensors missing, e.g. {missing[:3]}")
+    extra = sorted(set(got) - set(expected))
+    if extra:
+        raise ConversionError(f"tensors beyond num_hidden_layers={cfg['num_hidden_layers']}: {extra[:3]}")
+    wrong = [f"{name} {got[name]} (config says {shape})" for name, shape in expected.items() if got[name] != shape]
+    if wrong:
+        raise ConversionError(f"tensor shapes disagree with config.json: {wrong[:3]}")
+    return outputs
+
+
+def _shards(outputs: list[_Output], max_shard_size: int) -> list[list[_Output]]:
+    shards: list[list[_Output]] = [[]]
+    size = 0
+    for output in outputs:
+        if shards[-1] and size + output.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(output)
+        size += output.nbytes
+    return shards
+
+
+# --------------------------------------------------------------------------- write
+
+
+def _write_shard(path: Path, outputs: list[_Output], progress: Any, closing: dict[_SourceFile, int]) -> None:
+    """Write one safetensors file tensor by tensor, in blocks of rows."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for output in outputs:
+        header[output.name] = {
+            "dtype": _ST_NAMES[output.dtype],
+            "shape": list(output.shape),
+            "data_offsets": [offset, offset + output.nbytes],
+        }
+        offset += output.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)))
+        handle.write(raw)
+        for output in outputs:
+            source = output.source
+            step = max(1, BLOCK_BYTES // max(1, source.row_bytes)) if source.shape else 1
+            for start in range(output.start, output.end, step):
+                block = source.read_rows(start, min(start + step, output.end)).to(output.dtype).contiguous()
+                handle.write(block.reshape(-1).view(torch.uint8).numpy().data)
+                del block
+            closing[source.file] -= 1
+            if closing[source.file] == 0:
+                source.file.close()  # a .bin shard is unmapped as soon as it is done
+            progress.update(1)
+    os.replace(partial, path)
+
+
+def write_qwen2_weights(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    progress: bool = True,
+) -> torch.dtype:
+    """Stream the weights of the Qwen-1 checkpoint ``src`` into ``dst`` in the Qwen2 layout.
+
+    Writes ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards and
+    ``model.safetensors.index.json`` when the weights exceed ``max_shard_size`` bytes.
+    ``dtype`` None (or "auto") keeps each tensor's stored dtype. Returns the dtype of the
+    embedding as written (what ``config.json`` declares).
+    """
+    src, dst = Path(src), Path(dst)
+    cfg = _read_json(src / "config.json")
+    check_convertible(cfg)
+    if isinstance(dtype, str):
+        dtype = None if dtype == "auto" else _parse_dtype(dtype)
+    max_shard_size = parse_size(max_shard_size)
+    files = _source_files(src)
+    outputs = _plan(files, cfg, dtype)
+    shards = _shards(outputs, max_shard_size)
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    closing: dict[_SourceFile, int] = {}
+    for output in outputs:
+        closing[output.source.file] = closing.get(output.source.file, 0) + 1
+    dst.mkdir(parents=True, exist_ok=True)
+    bar = _progress_bar(len(outputs), progress)
+    try:
+        for name, shard in zip(names, shards, strict=True):
+            _write_shard(dst / name, shard, bar, closing)
+    finally:
+        bar.close()
+        for file in files:
+            file.close()
+    if len(shards) > 1:
+        weight_map = {output.name: name for name, shard in zip(names, shards, strict=True) for output in shard}
+        index = {"metadata": {"total_size": sum(o.nbytes for o in outputs)}, "weight_map": weight_map}
+        _write_json(dst / "model.safetensors.index.json", index)
+    embedding = next(o for o in outputs if o.name == "model.embed_tokens.weight")
+    logger.info(
+        "wrote %d tensors (%.2f GB) in %d file(s)", len(outputs), sum(o.nbytes for o in outputs) / 1e9, len(shards)
+    )
+    return embedding.dtype
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def export_tokenizer(src: str | os.PathLike, dst: str | os.PathLike, chat: bool, model_max_length: int | None = None):
+    """Save the checkpoint's tokenizer into ``dst`` as a fast ``Qwen2Tokenizer``
+    (``tokenizer.json`` + ``tokenizer_config.json``) with the ChatML chat template.
+
+    ``apply_chat_template(messages, add_generation_prompt=True)`` then gives the ids of
+    ``make_context(tokenizer, query, history, system)``, with ``system`` defaulting to
+    "You are a helpful assistant.". A chat model's ``eos_token`` is ``<|im_end|>``.
+    Returns the fast tokenizer.
+    """
+    from .tokenization_qwen import QWenTokenizer
+
+    src = Path(src)
+    slow = QWenTokenizer.from_pretrained(str(src)) if (src / "qwen.tiktoken").is_file() else QWenTokenizer()
+    settings: dict[str, Any] = {"chat_template": CHAT_TEMPLATE}
+    if chat:
+        settings["eos_token"] = "<|im_end|>"
+    if model_max_length is not None:
+        settings["model_max_length"] = model_max_length
+    fast = slow.to_fast(**settings)
+    fast.save_pretrained(str(dst))
+    # transformers 5 writes the template to chat_template.jinja; readers from before that
+    # file existed (transformers < 4.52 and the engines pinned to it) look in tokenizer_config.json.
+    config_path = Path(dst) / "tokenizer_config.json"
+    tokenizer_config = _read_json(config_path)
+    tokenizer_config["chat_template"] = CHAT_TEMPLATE
+    _write_json(config_path, tokenizer_config)
+    return fast
+
+
+# --------------------------------------------------------------------------- all
+
+
+def convert_qwen2(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    max_position: int | None = None,
+    rope_scaling: str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    force: bool = False,
+    progress: bool = True,
+    tokenizer: bool = True,
+) -> Path:
+    """Convert the official-layout Qwen-1 checkpoint ``src`` into a ``Qwen2ForCausalLM``
+    checkpoint in ``dst`` (weights, ``config.json``, ``generation_config.json``, the fast
+    tokenizer, and the source's LICENSE/NOTICE files). Returns ``dst``.
+
+    Raises :class:`ConversionError` (before writing anything) for a source that has no
+    exact Qwen2 equivalent, and for a ``dst`` that already holds a checkpoint unless
+    ``force`` (which first removes its weight files).
+    """
+    src, dst = Path(src), Path(dst)
+    if not (src / "config.json").is_file():
+        raise ConversionError(f"{src} has no config.json; is it a checkpoint directory?")
+    cfg = _read_json(src / "config.json")
+    check_convertible(cfg)
+    gen_path = src / "generation_config.json"
+    if not gen_path.is_file():
+        logger.warning("%s has no generation_config.json: treating it as a base model", src)
+    generation, chat = qwen2_generation_config_dict(_read_json(gen_path) if gen_path.is_file() else None)
+    seq_length = int(cfg.get("seq_length") or 8192)
+    if max_position is not None and max_position > seq_length and rope_scaling in (None, "none"):
+        logger.warning(
+            "max_position=%d is beyond the trained context (seq_length=%d) and no rope scaling was chosen: "
+            "positions beyond %d are unscaled RoPE extrapolation, where quality drops",
+            max_position,
+            seq_length,
+            seq_length,
+        )
+    _prepare_destination(src, dst, force)
+    written_dtype = write_qwen2_weights(src, dst, dtype=dtype, max_shard_size=max_shard_size, progress=progress)
+    config = qwen2_config_dict(cfg, max_position, rope_scaling=rope_scaling, dtype=written_dtype, chat=chat)
+    _write_json(dst / "config.json", config)
+    _write_json(dst / "generation_config.json", generation)
+    if tokenizer:
+        length = max(config["max_position_embeddings"], int(max_position or 0))
+        export_tokenizer(src, dst, chat=chat, model_max_length=length)
+    for path in sorted(src.iterdir()):
+        if path.is_file() and path.name.upper().startswith(("LICENSE", "NOTICE")):
+            shutil.copyfile(path, dst / path.name)
+    logger.info("wrote a Qwen2ForCausalLM %s checkpoint to %s", "chat" if chat else "base", dst)
+    return dst
+
+
+def _prepare_destination(src: Path, dst: Path, force: bool) -> None:
+    if dst.exists() and not dst.is_dir():
+        raise ConversionError(f"destination {dst} exists and is not a directory")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise ConversionError("the destination must differ from the source directory")
+    existing = sorted({p for pattern in _CHECKPOINT_FILES for p in dst.glob(pattern)}) if dst.is_dir() else []
+    if existing and not force:
+        raise ConversionError(
+            f"destination {dst} already holds a checkpoint ({existing[0].name}, ...); "
+            "pass --force (force=True) to overwrite it"
+        )
+    for path in existing:
+        if path.name != "config.json":
+            path.unlink()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in ``size``: an int or a string such as "5GB", "500MB", "2GiB"."""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*", str(size))
+        if match is None:
+            raise ValueError(f"cannot read {size!r} as a size (e.g. 5GB, 500MB, 2GiB)")
+        number, unit = float(match.group(1)), (match.group(2) or "B").upper().rstrip("B") or "B"
+        scale = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+        scale |= {"KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+        value = int(number * scale[unit])
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return value
+
+
+def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}") from None
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="tensor", desc="converting", disable=not enabled)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConversionError(f"{path} not found") from None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
