@@ -548,7 +548,14 @@ class QWenTokenizer(PreTrainedTokenizer):
             return_token_type_ids = kwargs.get("return_token_type_ids")
             if return_token_type_ids or (return_token_type_ids is None and "token_type_ids" in self.model_input_names):
                 data["token_type_ids"] = [0] * len(ids)
-            return BatchEncoding(data, tensor_type=kwargs.get("return_tensors"), prepend_batch_axis=True)
+            # BatchEncoding(data) copies the dict key by key in Python; handing it the dict
+            # as its UserDict storage is the same thing, a third of the cost of the call.
+            out = BatchEncoding()
+            out.data = data
+            return_tensors = kwargs.get("return_tensors")
+            if return_tensors is not None:
+                out.convert_to_tensors(tensor_type=return_tensors, prepend_batch_axis=True)
+            return out
         return super().__call__(text, text_pair, *args, **kwargs)
 
     def _encode_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
