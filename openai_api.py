@@ -39,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--max-prefill-tokens", type=int, default=4096, help="most padded prompt tokens per prefill (default 4096)"
     )
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--served-model-name", help="model id in replies (default: the checkpoint's directory name)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--enable-test-hooks", action="store_true", help=argparse.SUPPRESS)
@@ -59,6 +60,10 @@ def main(argv=None) -> int:
         print(f"missing dependency ({error}); install the serve extra: pip install 'qwen[serve]'", file=sys.stderr)
         return 1
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     engine = load_engine(
         args.checkpoint_path,
         cpu_only=args.cpu_only,

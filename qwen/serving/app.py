@@ -353,6 +353,7 @@ class _Pending:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Update]] = asyncio.Queue()
         self.handles = []
+        self.checked = time.monotonic()
 
     def submit(self, items: Sequence[tuple[list[int], SamplingParams]], request_id: str) -> None:
         def callback_for(index: int):
@@ -376,14 +377,21 @@ class _Pending:
             raise _bad(str(error)) from None
 
     async def next(self, request: Request | None = None, poll: float = 0.5) -> tuple[int, Update]:
-        """The next update; with ``request``, a client that went away cancels everything."""
+        """The next update; with ``request``, a client that went away (checked every
+        ``poll`` seconds) cancels everything and raises ``_ClientGone``."""
+        if request is None:
+            return await self.queue.get()
         while True:
-            try:
-                return await asyncio.wait_for(self.queue.get(), timeout=poll if request is not None else None)
-            except TimeoutError:
-                if request is not None and await request.is_disconnected():
+            now = time.monotonic()
+            if now - self.checked >= poll:
+                self.checked = now
+                if await request.is_disconnected():
                     self.cancel()
-                    raise _ClientGone() from None
+                    raise _ClientGone()
+            try:
+                return await asyncio.wait_for(self.queue.get(), timeout=poll)
+            except TimeoutError:
+                pass
 
     def cancel(self) -> None:
         for handle in self.handles:

@@ -52,15 +52,8 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import DynamicCache, DynamicLayer
-from transformers.generation.logits_process import (
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -274,31 +267,57 @@ class PresenceFrequencyPenalty(LogitsProcessor):
         generated = input_ids[:, self.prompt_len :]
         if generated.numel() == 0:
             return scores
-        counts = torch.zeros_like(scores)
-        counts.scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
-        return scores - self.presence * (counts > 0).to(scores.dtype) - self.frequency * counts
+        tokens, counts = torch.unique(generated, return_counts=True)
+        penalty = self.presence + self.frequency * counts.to(scores.dtype)
+        scores = scores.clone()
+        scores[:, tokens] -= penalty
+        return scores
+
+
+class RepetitionPenalty(LogitsProcessor):
+    """The CTRL repetition penalty over prompt and generated tokens, as
+    ``transformers.RepetitionPenaltyLogitsProcessor`` computes it (a positive logit is
+    divided by ``penalty``, a negative one multiplied), touching only the seen tokens."""
+
+    def __init__(self, penalty: float):
+        self.penalty = penalty
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        tokens = torch.unique(input_ids)
+        seen = scores[:, tokens]
+        scores = scores.clone()
+        scores[:, tokens] = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
+        return scores
+
+
+# Nucleus (top-p) sampling looks for the nucleus among this many most likely tokens
+# first (a partial sort, ~50x cheaper than sorting the 152k-token vocabulary) and sorts
+# everything only when the nucleus is larger.
+_NUCLEUS_CANDIDATES = 1024
 
 
 class RowSampler:
-    """Chooses the next token of one row with the row's own settings and generator."""
+    """Chooses the next token of one row with the row's own settings and generator.
+
+    Order as in ``transformers``' ``generate``: repetition penalty (and OpenAI's
+    presence/frequency penalties), then temperature, top-k and top-p; greedy rows take
+    the argmax after the penalties. Only the candidate tokens are sorted (see
+    ``_NUCLEUS_CANDIDATES``), and the draw uses the row's own ``torch.Generator``, so a
+    seeded request samples the same tokens alone or in any batch.
+    """
 
     def __init__(self, params: SamplingParams, prompt_len: int, device: torch.device):
         self.processors = LogitsProcessorList()
         if params.repetition_penalty != 1.0:
-            self.processors.append(RepetitionPenaltyLogitsProcessor(penalty=float(params.repetition_penalty)))
+            self.processors.append(RepetitionPenalty(float(params.repetition_penalty)))
         if params.presence_penalty or params.frequency_penalty:
             self.processors.append(
                 PresenceFrequencyPenalty(params.presence_penalty, params.frequency_penalty, prompt_len)
             )
         self.greedy = params.greedy
-        self.warpers = LogitsProcessorList()
-        if not self.greedy:
-            if params.temperature != 1.0:
-                self.warpers.append(TemperatureLogitsWarper(float(params.temperature)))
-            if params.top_k > 0:
-                self.warpers.append(TopKLogitsWarper(int(params.top_k)))
-            if params.top_p < 1.0:
-                self.warpers.append(TopPLogitsWarper(float(params.top_p)))
+        self.temperature = float(params.temperature)
+        self.top_k = int(params.top_k)
+        self.top_p = float(params.top_p)
         seed = params.seed if params.seed is not None else random.randrange(2**62)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(int(seed) % 2**63)
@@ -310,16 +329,42 @@ class RowSampler:
         """The next token after ``ids`` (prompt and generated) given ``scores`` (1, vocab)."""
         if self.forced is not None:
             return self.forced.pop(0) if self.forced else self.after_forced[0]
-        input_ids = None
-        if self.processors or self.warpers:
-            input_ids = torch.tensor([ids], dtype=torch.long, device=scores.device)
         if self.processors:
-            scores = self.processors(input_ids, scores)
+            scores = self.processors(torch.tensor([ids], dtype=torch.long, device=scores.device), scores)
         if self.greedy:
             return int(scores.argmax(dim=-1))
-        scores = self.warpers(input_ids, scores)
-        probs = F.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        indices, probs = self.distribution(scores)
+        choice = torch.multinomial(probs, 1, generator=self.generator)
+        return int(choice) if indices is None else int(indices[choice])
+
+    def distribution(self, scores: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The tokens that may be drawn and their (unnormalised) probabilities, after
+        temperature, top-k and top-p; ``None`` tokens: the whole vocabulary."""
+        logits = scores[0]
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        vocab = logits.shape[-1]
+        if self.top_k > 0:  # the top-k set, renormalised; top-p is then applied within it
+            values, indices = torch.topk(logits, min(self.top_k, vocab))
+            norm = torch.logsumexp(values, dim=0)
+            complete = True
+        else:
+            values, indices = torch.topk(logits, min(vocab, _NUCLEUS_CANDIDATES))
+            norm = torch.logsumexp(logits, dim=0)
+            complete = values.shape[0] == vocab
+        probs = torch.exp(values - norm)
+        if self.top_p < 1.0:
+            before = torch.cumsum(probs, dim=0, dtype=torch.float64) - probs  # mass of the more likely tokens
+            keep = int((before < self.top_p).sum().clamp(min=1))
+            if not complete and keep == probs.shape[0] and float(before[-1] + probs[-1]) < self.top_p:
+                values, indices = torch.sort(logits, descending=True)  # a wide nucleus: sort it all
+                probs = torch.exp(values - norm)
+                before = torch.cumsum(probs, dim=0, dtype=torch.float64) - probs
+                keep = int((before < self.top_p).sum().clamp(min=1))
+            probs, indices = probs[:keep], indices[:keep]
+        elif not complete:  # no filter: draw from the whole vocabulary
+            probs, indices = torch.softmax(logits, dim=0), None
+        return indices, probs
 
 
 class _Row:
@@ -407,7 +452,9 @@ class Engine:
             if self._thread is not None and self._thread.is_alive():
                 return self
             self._stopping = False
-            self._thread = threading.Thread(target=self._run, name="qwen-engine", daemon=True)
+            # torch's intra-op thread count is per thread: give the loop the caller's.
+            threads = torch.get_num_threads()
+            self._thread = threading.Thread(target=self._run, args=(threads,), name="qwen-engine", daemon=True)
             self._thread.start()
         return self
 
@@ -457,6 +504,12 @@ class Engine:
     def submit_many(self, requests) -> list[RequestHandle]:
         """Queue several ``(prompt_ids, params, callback, request_id)`` at once: all are
         accepted or none (:class:`QueueFullError`)."""
+        requests = list(requests)
+        if len(requests) > self.max_batch_size + self.max_queue:
+            raise ValueError(
+                f"{len(requests)} sequences requested at once, more than this server ever holds "
+                f"(max_batch_size {self.max_batch_size} + max_queue {self.max_queue})"
+            )
         handles = []
         for prompt_ids, params, callback, request_id in requests:
             prompt_ids = [int(t) for t in prompt_ids]
@@ -512,8 +565,11 @@ class Engine:
 
     # ------------------------------------------------------------------ loop
 
-    def _run(self) -> None:
-        logger.info("engine started: max_batch_size=%d max_queue=%d", self.max_batch_size, self.max_queue)
+    def _run(self, threads: int) -> None:
+        torch.set_num_threads(threads)
+        logger.info(
+            "engine started: max_batch_size=%d max_queue=%d threads=%d", self.max_batch_size, self.max_queue, threads
+        )
         while True:
             with self._cond:
                 while not self._stopping and not self._waiting and not self._rows:

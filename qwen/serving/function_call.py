@@ -137,7 +137,8 @@ def select_functions(
         return _choose(defs, function_call, "function_call", nested=False), "functions"
     if tool_choice not in (None, "none", "auto") or function_call not in (None, "none", "auto"):
         param = "tool_choice" if tool_choice not in (None, "none", "auto") else "function_call"
-        raise PromptError(f"{param} names a function but no tools/functions were given", param)
+        value = tool_choice if param == "tool_choice" else function_call
+        raise PromptError(f"{param} is {value!r} but the request has no tools (or functions)", param)
     return [], None
 
 
