@@ -624,7 +624,11 @@ def export_tokenizer(src: str | os.PathLike, dst: str | os.PathLike, chat: bool,
     from .tokenization_qwen import QWenTokenizer
 
     src = Path(src)
-    slow = QWenTokenizer.from_pretrained(str(src)) if (src / "qwen.tiktoken").is_file() else QWenTokenizer()
+    if (src / "qwen.tiktoken").is_file():
+        slow = QWenTokenizer.from_pretrained(str(src))
+    else:
+        logger.warning("%s has no qwen.tiktoken: exporting the standard Qwen vocabulary", src)
+        slow = QWenTokenizer()
     settings: dict[str, Any] = {"chat_template": CHAT_TEMPLATE}
     if chat:
         settings["eos_token"] = "<|im_end|>"
@@ -673,6 +677,12 @@ def convert_qwen2(
         logger.warning("%s has no generation_config.json: treating it as a base model", src)
     generation, chat = qwen2_generation_config_dict(_read_json(gen_path) if gen_path.is_file() else None)
     seq_length = int(cfg.get("seq_length") or 8192)
+    if cfg.get("use_dynamic_ntk") or cfg.get("use_logn_attn"):
+        logger.info(
+            "use_dynamic_ntk/use_logn_attn act only beyond seq_length=%d, where Qwen2 engines have no equivalent; "
+            "the export is exact within it",
+            seq_length,
+        )
     if max_position is not None and max_position > seq_length and rope_scaling in (None, "none"):
         logger.warning(
             "max_position=%d is beyond the trained context (seq_length=%d) and no rope scaling was chosen: "
