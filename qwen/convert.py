@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 logger = logging.getLogger(__name__)
 
@@ -694,8 +695,10 @@ def convert_qwen2(
     _prepare_destination(src, dst, force)
     written_dtype = write_qwen2_weights(src, dst, dtype=dtype, max_shard_size=max_shard_size, progress=progress)
     config = qwen2_config_dict(cfg, max_position, rope_scaling=rope_scaling, dtype=written_dtype, chat=chat)
-    _write_json(dst / "config.json", config)
-    _write_json(dst / "generation_config.json", generation)
+    # Readers branch on the writer's version (transformers 4.57 warns about a "Mistral
+    # regex" when it is missing), so record it as save_pretrained would.
+    _write_json(dst / "config.json", {**config, "transformers_version": transformers.__version__})
+    _write_json(dst / "generation_config.json", {**generation, "transformers_version": transformers.__version__})
     if tokenizer:
         length = max(config["max_position_embeddings"], int(max_position or 0))
         export_tokenizer(src, dst, chat=chat, model_max_length=length)
