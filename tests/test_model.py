@@ -268,16 +268,32 @@ def test_no_split_modules():
 
 
 @torch.no_grad()
-def test_cpu_fp32_matmul_path_matches_half_precision_kernel():
-    """Large bf16 CPU matmuls run in float32; results agree with the bf16 kernel."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_fp32_matmul_path_matches_half_precision_kernel(monkeypatch, dtype, bias):
+    """Half-precision CPU matmuls of several rows run in float32, a block of weight rows
+    at a time; results agree with the half-precision kernel and with exact arithmetic."""
+    from qwen import modeling_qwen
     from qwen.modeling_qwen import CPU_FP32_MIN_ROWS, QWenLinear
 
-    layer = QWenLinear(64, 96).to(torch.bfloat16)
-    x = torch.randn(CPU_FP32_MIN_ROWS, 64).to(torch.bfloat16)
+    # 24-row blocks for a 100-row weight: four full blocks and a partial one
+    monkeypatch.setattr(modeling_qwen, "CPU_FP32_BLOCK_BYTES", 24 * 4 * 64)
+    monkeypatch.setattr(modeling_qwen, "cpu_has_native", lambda dtype: False)
+    calls = []
+    real = modeling_qwen.cpu_half_linear
+    monkeypatch.setattr(modeling_qwen, "cpu_half_linear", lambda *a: calls.append(a) or real(*a))
+    layer = QWenLinear(64, 100, bias=bias).to(dtype)
+    x = torch.randn(2, CPU_FP32_MIN_ROWS + 3, 64).to(dtype)
     big = layer(x)
-    rows = torch.cat([layer(x[i : i + 1]) for i in range(x.shape[0])])
-    exact = x.double() @ layer.weight.double().T + layer.bias.double()
-    assert big.dtype == torch.bfloat16
-    # both are exact products with float32 accumulation, rounded once to bf16
-    assert (big.double() - exact).abs().max() <= exact.abs().max() * 2**-8
-    assert (rows.double() - exact).abs().max() <= exact.abs().max() * 2**-8
+    assert len(calls) == 1 and big.shape == (2, CPU_FP32_MIN_ROWS + 3, 100) and big.is_contiguous()
+    rows = torch.stack([torch.cat([layer(x[b, i : i + 1]) for i in range(x.shape[1])]) for b in range(2)])
+    assert len(calls) == 1  # single rows keep the half-precision kernel
+    exact = x.double() @ layer.weight.double().T + (layer.bias.double() if bias else 0)
+    assert big.dtype == dtype
+    # both are exact products with float32 accumulation, rounded once to half precision
+    ulp = 2**-8 if dtype == torch.bfloat16 else 2**-11
+    assert (big.double() - exact).abs().max() <= exact.abs().max() * ulp
+    assert (rows.double() - exact).abs().max() <= exact.abs().max() * ulp
+    with torch.enable_grad():  # training keeps torch's kernel (and its autograd)
+        layer(x)
+    assert len(calls) == 1
