@@ -25,7 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--dtype",
         choices=["auto", "bf16", "fp16", "fp32"],
         default="auto",
-        help="weights dtype; auto: fp32 on CPU (fastest for batched decoding there), the checkpoint's on CUDA",
+        help="weights dtype; auto: the checkpoint's on CPU (bf16 for the official ones), the library's choice on CUDA",
     )
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     parser.add_argument("--api-auth", metavar="USER:PASSWORD", help="accept HTTP basic auth with these on /v1/*")

@@ -6,9 +6,10 @@ For each server configuration (``name:dtype:max_batch_size``), starts
 streaming ``/v1/completions`` request each, all at once: a fixed prompt of
 ``--prompt-tokens`` random token ids (a different one per client) and exactly
 ``--max-tokens`` generated tokens (greedy, ``ignore_eos``). The default
-configurations are the continuous-batching server and the same model served one
-request at a time (``--max-batch-size 1``: the original server's design) in fp32
-and bf16. Configurations alternate over ``--rounds``.
+configurations are the continuous-batching server in bf16 (the checkpoint's dtype,
+what ``--dtype auto`` picks) and in fp32, and the same model served one request at a
+time (``--max-batch-size 1``: the original server's design) in bf16, its fastest
+dtype for single requests. Configurations alternate over ``--rounds``.
 
 Each load prints one JSON line: aggregate tokens/s (all generated tokens over the
 wall time from the first request sent to the last token received), p50/p95 time to
@@ -17,7 +18,8 @@ first token and p50 request latency. The last lines are per-client-count summari
 fastest one-at-a-time configuration.
 
     python benchmarks/serve_load.py --rounds 1
-    python benchmarks/serve_load.py --configs batched:fp32:16,one-at-a-time:fp32:1 --clients 16
+    python benchmarks/serve_load.py --configs batched:bf16:16,one-at-a-time:bf16:1 --clients 16 \\
+        --prompt-tokens 16 --max-tokens 128 --threads 2
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
-DEFAULT_CONFIGS = "batched:fp32:16,one-at-a-time:fp32:1,one-at-a-time:bf16:1"
+DEFAULT_CONFIGS = "batched:bf16:16,batched:fp32:16,one-at-a-time:bf16:1"
 
 
 def _decode_module():

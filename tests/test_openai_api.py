@@ -30,7 +30,7 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, make_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import qwen  # noqa: F401  (registers the Auto classes)
@@ -78,7 +78,9 @@ class Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
+        # fp32: responses are compared with a float32 model run in the test process
         cmd = [sys.executable, "openai_api.py", "-c", str(checkpoint), "--server-port", str(self.port), "--cpu-only"]
+        cmd += ["--dtype", "fp32"]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         with open(log, "wb") as out:
             self.proc = subprocess.Popen([*cmd, *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -789,3 +791,17 @@ def test_text_tracker_stop_strings_and_partial_characters():
     assert [tracker.push(1), tracker.push(2), tracker.push(3)] == [("a", False), ("", False), ("你", False)]
     tracker = TextTracker(lambda ids: " x " * len(ids), strip=True)
     assert tracker.push(1) == ("x", False) and tracker.push(2) == ("  x", False) and tracker.flush() == ""
+
+
+def test_auto_dtype_is_the_stored_one(tmp_path):
+    """--dtype auto on CPU loads what the checkpoint stores: its precision flag, else its
+    config's dtype, else its safetensors tensors' dtype (float32 when nothing says half)."""
+    from qwen.serving.app import _stored_dtype
+
+    for stored, expected in [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)]:
+        ckpt = make_tiny(tmp_path / stored, "--dtype", stored, "--layers", "1")
+        assert _stored_dtype(str(ckpt)) == expected
+    flagged = tmp_path / "bf16"
+    config = json.loads((flagged / "config.json").read_text())
+    (flagged / "config.json").write_text(json.dumps({**config, "fp16": True}))
+    assert _stored_dtype(str(flagged)) == torch.float16
