@@ -59,13 +59,13 @@ def ensure_checkpoints(ckpt: Path) -> tuple[Path, Path]:
     return ckpt, twin
 
 
-def run_model(which: str, path: Path, prompt_len: int, new_tokens: int) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.generation.streamers import BaseStreamer
+def timed_generate(model, ids, **generate_kwargs) -> tuple:
+    """Greedy ``model.generate(ids)`` with a clock on every streamed token.
 
-    if which == "qwen":
-        import qwen  # noqa: F401  (registers model_type "qwen")
+    Returns (sequences, time to first token in s, decode tokens/s or None for one token).
+    """
+    import torch
+    from transformers.generation.streamers import BaseStreamer
 
     class Clock(BaseStreamer):
         def __init__(self):
@@ -77,27 +77,34 @@ def run_model(which: str, path: Path, prompt_len: int, new_tokens: int) -> dict:
         def end(self):
             pass
 
+    clock = Clock()
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, streamer=clock, **generate_kwargs
+        )
+    # put() #0 is the prompt, #1 the first new token, then one per decoded token.
+    ttft = clock.times[1] - start
+    decode = (len(clock.times) - 2) / (clock.times[-1] - clock.times[1]) if len(clock.times) > 2 else None
+    return out, ttft, decode
+
+
+def run_model(which: str, path: Path, prompt_len: int, new_tokens: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if which == "qwen":
+        import qwen  # noqa: F401  (registers model_type "qwen")
+
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     load_s = time.perf_counter() - t0
     rss_loaded = peak_rss_gib()
     weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     ids = torch.randint(0, 151643, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    clock = Clock()
-    with torch.inference_mode():
-        start = time.perf_counter()
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            streamer=clock,
-            pad_token_id=151643,
-        )
-    # put() #0 is the prompt, #1 the first new token, then one per decoded token.
-    ttft = clock.times[1] - start
-    decode = (len(clock.times) - 2) / (clock.times[-1] - clock.times[1])
+    out, ttft, decode = timed_generate(
+        model, ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=151643
+    )
     return {
         "contender": which,
         "load_s": round(load_s, 2),
