@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -47,6 +48,9 @@ def spawn(checkpoint) -> pexpect.spawn:
         codec_errors="replace",
         timeout=STEP_TIMEOUT,
         dimensions=(50, 200),
+        # Ctrl-C must reach the script even when the test run itself ignores SIGINT
+        # (a background job of a non-interactive shell, e.g. `nohup bash .ci/run &`).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
