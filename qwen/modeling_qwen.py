@@ -120,18 +120,21 @@ def cpu_half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return result.reshape(*x.shape[:-1], n_out)
 
 
+def cpu_half_inference(x: torch.Tensor) -> bool:
+    """Inference on a CPU without native support for ``x``'s half-precision dtype."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and not torch.is_grad_enabled()
+        and not cpu_has_native(x.dtype)
+    )
+
+
 class QWenLinear(nn.Linear):
     """``nn.Linear`` that runs no-grad half-precision CPU matmuls of several rows in float32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.device.type == "cpu"
-            and x.dtype in (torch.bfloat16, torch.float16)
-            and x.dtype == self.weight.dtype
-            and x.numel() >= CPU_FP32_MIN_ROWS * x.shape[-1]
-            and not torch.is_grad_enabled()
-            and not cpu_has_native(x.dtype)
-        ):
+        if x.dtype == self.weight.dtype and x.numel() >= CPU_FP32_MIN_ROWS * x.shape[-1] and cpu_half_inference(x):
             return cpu_half_linear(x, self.weight, self.bias)
         return super().forward(x)
 
@@ -249,6 +252,13 @@ class QWenAttention(nn.Module):
             interface = past_key_values.attention_interface(interface)
         elif past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
+        if q_len == 1 and self.config._attn_implementation == "sdpa" and cpu_half_inference(query):
+            # One query row against the cache: plain float32 attention is 2-3.5x faster
+            # than torch's half-precision SDPA kernel on CPUs without native bf16.
+            out, _ = eager_attention(
+                self, query.float(), key.float(), value.float(), attention_mask, scaling=self.scaling
+            )
+            return self.c_proj(out.to(query.dtype).reshape(bsz, q_len, -1))
         out, _ = interface(
             self,
             query,

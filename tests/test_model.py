@@ -297,3 +297,28 @@ def test_cpu_fp32_matmul_path_matches_half_precision_kernel(monkeypatch, dtype, 
     with torch.enable_grad():  # training keeps torch's kernel (and its autograd)
         layer(x)
     assert len(calls) == 1
+
+
+@torch.no_grad()
+def test_cpu_half_decode_step_attends_in_float32(tiny_dir, monkeypatch):
+    """A one-token bf16 decoding step on a CPU without native bf16 attends over the cache
+    in float32 instead of torch's half-precision SDPA kernel; a left-padded batch's last
+    logits stay as close to the float32 model's as SDPA's own whole-sequence forward."""
+    from qwen import modeling_qwen
+
+    monkeypatch.setattr(modeling_qwen, "cpu_has_native", lambda dtype: False)
+    calls = []
+    real = modeling_qwen.eager_attention
+    monkeypatch.setattr(modeling_qwen, "eager_attention", lambda *a, **k: calls.append(a[1].dtype) or real(*a, **k))
+    half = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    cache = DynamicCache(config=half.config)
+    half(ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache, use_cache=True)
+    assert calls == []  # prefill keeps SDPA
+    step = half(ids[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1].float()
+    assert calls == [torch.float32] * half.config.num_hidden_layers
+    whole = half(ids, attention_mask=mask).logits[:, -1].float()
+    exact = load(tiny_dir)(ids, attention_mask=mask).logits[:, -1]
+    assert (step - exact).abs().max() <= 2 * (whole - exact).abs().max() + 1e-3
