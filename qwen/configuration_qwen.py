@@ -54,7 +54,7 @@ class QWenConfig(PretrainedConfig):
     """
 
     model_type = "qwen"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
     attribute_map = {"head_dim": "kv_channels", "num_key_value_heads": "num_attention_heads"}
 
     def __init__(

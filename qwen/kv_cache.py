@@ -41,6 +41,7 @@ from collections.abc import Callable
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 logger = logging.getLogger(__name__)
 
@@ -336,6 +337,12 @@ class Int8KVCache(Cache):
         return True
 
 
+# transformers 5.24 renamed the cache argument and output field ``past_key_values`` to
+# ``cache`` (the old name still works there, with a warning, until 5.40). Models, masks
+# and ``generate`` use whichever name the installed version has.
+CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 def make_cache(config) -> Cache:
     """The cache a Qwen model uses when none is given: int8 when ``config.use_cache_quantization``."""
     if getattr(config, "use_cache_quantization", False):
@@ -349,11 +356,11 @@ def use_int8_cache_for_generation(config, generation_config, model_kwargs: dict)
     asked for through ``cache_implementation`` (static, offloaded, quantized, ...), is kept."""
     if not getattr(config, "use_cache_quantization", False):
         return
-    cache = model_kwargs.get("past_key_values")
+    cache = model_kwargs.get(CACHE_KWARG)
     if type(cache) is not DynamicCache or getattr(cache, "_is_user_defined", False):
         return
     if getattr(generation_config, "cache_implementation", None) not in (None, "dynamic"):
         return
     if getattr(generation_config, "is_assistant", False):
         return
-    model_kwargs["past_key_values"] = Int8KVCache(config=config)
+    model_kwargs[CACHE_KWARG] = Int8KVCache(config=config)
