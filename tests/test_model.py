@@ -300,13 +300,47 @@ def test_cpu_fp32_matmul_path_matches_half_precision_kernel(monkeypatch, dtype, 
 
 
 @torch.no_grad()
-def test_cpu_half_decode_step_attends_in_float32(tiny_dir, monkeypatch):
-    """A one-token bf16 decoding step on a CPU without native bf16 attends over the cache
-    in float32 instead of torch's half-precision SDPA kernel; a left-padded batch's last
-    logits stay as close to the float32 model's as SDPA's own whole-sequence forward."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_row_half_matmul_skips_onednn(monkeypatch, dtype):
+    """A one-row half-precision CPU matmul runs torch's GEMV with oneDNN switched off (its
+    GEMV is much slower on CPUs with native bf16), accumulates exactly in float32, and
+    leaves the global oneDNN switch as it was, also when the product raises."""
+    from qwen.modeling_qwen import QWenLinear
+
+    seen = []
+    real = torch.nn.functional.linear
+    monkeypatch.setattr(
+        torch.nn.functional, "linear", lambda *a: seen.append(torch._C._get_mkldnn_enabled()) or real(*a)
+    )
+    layer = QWenLinear(64, 100).to(dtype)
+    x = torch.randn(1, 1, 64).to(dtype)
+    assert torch._C._get_mkldnn_enabled()
+    y = layer(x)
+    assert seen == [False] and torch._C._get_mkldnn_enabled()
+    exact = x.double() @ layer.weight.double().T + layer.bias.double()
+    ulp = 2**-8 if dtype == torch.bfloat16 else 2**-11
+    assert y.dtype == dtype and (y.double() - exact).abs().max() <= exact.abs().max() * ulp
+    with torch.enable_grad():  # training keeps torch's dispatch
+        layer(x)
+    assert seen == [False, True]
+    with torch.backends.mkldnn.flags(enabled=False):  # already off: left off
+        layer(x)
+        assert not torch._C._get_mkldnn_enabled()
+    with pytest.raises(RuntimeError):
+        layer(torch.randn(1, 1, 63).to(dtype))
+    assert torch._C._get_mkldnn_enabled()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("native", [False, True])
+def test_cpu_half_decode_step_attends_eagerly(tiny_dir, monkeypatch, native):
+    """A one-token bf16 decoding step on a CPU attends over the cache with plain attention
+    instead of torch's half-precision SDPA kernel: in float32 without native bf16, in bf16
+    (softmax in float32) with it. A left-padded batch's last logits stay as close to the
+    float32 model's as SDPA's own whole-sequence forward."""
     from qwen import modeling_qwen
 
-    monkeypatch.setattr(modeling_qwen, "cpu_has_native", lambda dtype: False)
+    monkeypatch.setattr(modeling_qwen, "cpu_has_native", lambda dtype: native)
     calls = []
     real = modeling_qwen.eager_attention
     monkeypatch.setattr(modeling_qwen, "eager_attention", lambda *a, **k: calls.append(a[1].dtype) or real(*a, **k))
@@ -318,7 +352,7 @@ def test_cpu_half_decode_step_attends_in_float32(tiny_dir, monkeypatch):
     half(ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache, use_cache=True)
     assert calls == []  # prefill keeps SDPA
     step = half(ids[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1].float()
-    assert calls == [torch.float32] * half.config.num_hidden_layers
+    assert calls == [torch.bfloat16 if native else torch.float32] * half.config.num_hidden_layers
     whole = half(ids, attention_mask=mask).logits[:, -1].float()
     exact = load(tiny_dir)(ids, attention_mask=mask).logits[:, -1]
     assert (step - exact).abs().max() <= 2 * (whole - exact).abs().max() + 1e-3
