@@ -39,6 +39,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--max-prefill-tokens", type=int, default=4096, help="most padded prompt tokens per prefill (default 4096)"
     )
+    parser.add_argument(
+        "--no-pack-weights",
+        action="store_true",
+        help="on CPUs with native bf16 (AVX512-BF16/AMX), skip the oneDNN-packed second copy of the weights "
+        "that makes batched decoding steps about 40%% faster: half the memory, slower batches",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--served-model-name", help="model id in replies (default: the checkpoint's directory name)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -72,6 +78,7 @@ def main(argv=None) -> int:
         max_queue=args.max_queue,
         max_model_len=args.max_model_len,
         max_prefill_tokens=args.max_prefill_tokens,
+        pack_weights=not args.no_pack_weights,
     )
     name = args.served_model_name or args.checkpoint_path.rstrip("/").split("/")[-1]
     app = create_app(

@@ -356,3 +356,41 @@ def test_cpu_half_decode_step_attends_eagerly(tiny_dir, monkeypatch, native):
     whole = half(ids, attention_mask=mask).logits[:, -1].float()
     exact = load(tiny_dir)(ids, attention_mask=mask).logits[:, -1]
     assert (step - exact).abs().max() <= 2 * (whole - exact).abs().max() + 1e-3
+
+
+@torch.no_grad()
+def test_packed_weights_for_cpu_batches(tiny_dir, monkeypatch):
+    """pack_for_cpu_batches gives half-precision linears a oneDNN-packed weight copy used
+    for products of 2..2*rows rows (same results as the plain weight); one row and long
+    prefills keep the plain weight; changing the weight in place drops the copy. Where
+    CPU bf16 matmuls are not native it does nothing."""
+    from qwen import modeling_qwen
+    from qwen.modeling_qwen import QWenLinear, pack_for_cpu_batches
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16).eval()
+    weights = sum(x.numel() * 2 for n, x in m.named_parameters() if n.endswith("weight") and x.dim() == 2)
+    weights -= m.transformer.wte.weight.numel() * 2  # the embedding is no linear
+    with monkeypatch.context() as patch:
+        patch.setattr(modeling_qwen, "cpu_has_native", lambda dtype: False)
+        assert pack_for_cpu_batches(m, 4) == 0
+    if not modeling_qwen.cpu_has_native(torch.bfloat16):
+        pytest.skip("CPU bf16 matmuls are not native here: nothing to pack")
+    x = torch.randn(6, 1, 64).to(torch.bfloat16)
+    layer = m.transformer.h[0].mlp.w1
+    plain = [layer(x), layer(x[:1]), layer(torch.randn(3, 5, 64).to(torch.bfloat16))]
+    assert pack_for_cpu_batches(m, 4) == weights
+    linears = [mod for mod in m.modules() if isinstance(mod, QWenLinear)]
+    assert all(mod._packed is not None and mod._packed.layout == torch._mkldnn for mod in linears)
+    assert torch.equal(layer(x), plain[0]) and torch.equal(layer(x[:1]), plain[1])
+    ids = rand_ids(5, 9)
+    cache = DynamicCache(config=m.config)
+    m(ids[:, :8], past_key_values=cache, use_cache=True)
+    packed_step = m(ids[:, 8:], past_key_values=cache, use_cache=True).logits
+    for mod in linears:
+        mod._packed = None
+    cache = DynamicCache(config=m.config)
+    m(ids[:, :8], past_key_values=cache, use_cache=True)
+    assert torch.equal(m(ids[:, 8:], past_key_values=cache, use_cache=True).logits, packed_step)
+    pack_for_cpu_batches(m, 4)
+    layer.weight.mul_(2)  # in place: the packed copy is stale and dropped
+    assert torch.equal(layer(x), 2 * plain[0]) and layer._packed is None

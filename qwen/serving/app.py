@@ -152,6 +152,7 @@ def load_engine(
     max_queue: int = 64,
     max_model_len: int | None = None,
     max_prefill_tokens: int = 4096,
+    pack_weights: bool = True,
 ) -> Engine:
     """Load ``checkpoint`` (model and tokenizer) into an engine (not started).
 
@@ -160,6 +161,11 @@ def load_engine(
     ones; float32 when the checkpoint does not say): half the memory of float32 and, with
     the model's blocked float32 matmuls, faster for single requests and batches alike
     (see docs/openai_api.md).
+
+    ``pack_weights``: on CPUs with native bf16/fp16 matmuls (AVX512-BF16, AMX), give the
+    model a oneDNN-packed second copy of its half-precision weights for batched decoding
+    steps (:func:`qwen.modeling_qwen.pack_for_cpu_batches`): about 40% faster steps for
+    twice the weights' memory. Ignored elsewhere and with ``max_batch_size`` 1.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -180,6 +186,14 @@ def load_engine(
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     model = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs).eval()
+    if pack_weights and device == "cpu" and max_batch_size > 1:
+        from qwen.modeling_qwen import pack_for_cpu_batches
+
+        added = pack_for_cpu_batches(model, max_batch_size)
+        if added:
+            logger.info(
+                "packed the weights for batched CPU decoding (+%.2f GB; --no-pack-weights to skip)", added / 1e9
+            )
     return Engine(
         model,
         tokenizer,
