@@ -40,7 +40,7 @@ import logging
 from collections.abc import Callable
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 logger = logging.getLogger(__name__)
@@ -335,6 +335,70 @@ class Int8KVCache(Cache):
             )
             return False
         return True
+
+
+class GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` that appends into spare room instead of re-concatenating.
+
+    ``DynamicLayer.update`` copies the whole cached key and value tensors on every step
+    (``torch.cat``), so a decoding step costs time in proportion to the context. This
+    layer keeps them in buffers with room for ``max(GROWING_MIN_ROOM, length // 4)`` more
+    positions and exposes ``keys``/``values`` as views of the filled part; a step writes
+    only its own positions. Anything that replaces ``keys``/``values`` (row selection,
+    cropping, reordering) works as with ``DynamicLayer``: the next update starts new
+    buffers from what it finds.
+    """
+
+    _key_buffer: torch.Tensor | None = None
+    _value_buffer: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = self.keys, self.values
+        old = keys.shape[-2] if keys.dim() == 4 else 0
+        new = old + key_states.shape[-2]
+        buffer = self._key_buffer
+        ours = (
+            buffer is not None
+            and old > 0
+            and keys.data_ptr() == buffer.data_ptr()
+            and keys.stride() == buffer.stride()
+            and values.data_ptr() == self._value_buffer.data_ptr()
+            and keys.shape[:2] == key_states.shape[:2]
+        )
+        if not ours or new > buffer.shape[-2]:
+            room = new + max(GROWING_MIN_ROOM, new // 4)
+            self._key_buffer = key_states.new_empty((*key_states.shape[:-2], room, key_states.shape[-1]))
+            self._value_buffer = value_states.new_empty((*value_states.shape[:-2], room, value_states.shape[-1]))
+            if old:
+                self._key_buffer[..., :old, :].copy_(keys)
+                self._value_buffer[..., :old, :].copy_(values)
+        self._key_buffer[..., old:new, :].copy_(key_states)
+        self._value_buffer[..., old:new, :].copy_(value_states)
+        self.keys = self._key_buffer[..., :new, :]
+        self.values = self._value_buffer[..., :new, :]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        self._key_buffer = self._value_buffer = None
+        super().reset()
+
+
+GROWING_MIN_ROOM = 256
+
+
+def grow_in_place(cache: Cache | None) -> None:
+    """Turn the plain ``DynamicLayer``s of a ``DynamicCache`` (and the ones it will add)
+    into :class:`GrowingLayer`s, keeping their contents: no-grad decoding then stops
+    copying the whole cache on every step. Other caches are left alone."""
+    if type(cache) is not DynamicCache:
+        return
+    if cache.layer_class_to_replicate is DynamicLayer:
+        cache.layer_class_to_replicate = GrowingLayer
+    for layer in cache.layers:
+        if type(layer) is DynamicLayer:
+            layer.__class__ = GrowingLayer
 
 
 # transformers 5.24 renamed the cache argument and output field ``past_key_values`` to

@@ -32,7 +32,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_qwen import PRECISION_FLAGS, QWenConfig
-from .kv_cache import CACHE_KWARG, Int8KVCache, make_cache, use_int8_cache_for_generation
+from .kv_cache import CACHE_KWARG, Int8KVCache, grow_in_place, make_cache, use_int8_cache_for_generation
 from .qwen_generation_utils import QWenChatMixin, StopWordsCriteria
 
 logger = logging.getLogger(__name__)
@@ -474,6 +474,8 @@ class QWenModel(QWenPreTrainedModel):
             use_cache = False
         if use_cache and past_key_values is None:
             past_key_values = make_cache(self.config)  # int8 with use_cache_quantization
+        if not torch.is_grad_enabled():
+            grow_in_place(past_key_values)
         bsz, q_len = inputs_embeds.shape[:2]
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:

@@ -122,6 +122,34 @@ def test_cached_decoding_equals_full_forward(model, length):
 
 
 @torch.no_grad()
+def test_decoding_cache_grows_in_place(model, monkeypatch):
+    """No-grad decoding appends into spare room of the DynamicCache's buffers (a
+    GrowingLayer) instead of copying the cache every step; logits still equal a full
+    forward, across reallocations, a crop and a row selection."""
+    from qwen import kv_cache
+
+    monkeypatch.setattr(kv_cache, "GROWING_MIN_ROOM", 3)
+    ids = rand_ids(2, 40)
+    full = model(ids, use_cache=False).logits
+    cache = DynamicCache(config=model.config)
+    steps = [model(ids[:, :10], past_key_values=cache, use_cache=True).logits]
+    assert type(cache) is DynamicCache and all(type(layer) is kv_cache.GrowingLayer for layer in cache.layers)
+    pointers = []
+    for t in range(10, 30):
+        steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+        pointers.append(cache.layers[0].keys.data_ptr())
+    assert cache.get_seq_length() == 30 and cache.layers[0].keys.shape[::2] == (2, 30)
+    assert 1 < len(set(pointers)) < len(pointers) / 2  # most steps wrote in place
+    assert (torch.cat(steps, 1) - full[:, :30]).abs().max().item() < ATOL
+    cache.crop(-5)  # forget 5 positions, decode them again
+    again = [model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(25, 35)]
+    assert (torch.cat(again, 1) - full[:, 25:35]).abs().max().item() < ATOL
+    cache.batch_select_indices(torch.tensor([1]))
+    last = [model(ids[1:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(35, 40)]
+    assert (torch.cat(last, 1) - full[1:, 35:40]).abs().max().item() < ATOL
+
+
+@torch.no_grad()
 def test_ntk_alpha_stays_fixed_while_decoding(model, tiny_dir):
     """Prefill of 60 tokens (alpha 1), then decode past 64: cached keys keep alpha 1."""
     ids = rand_ids(1, 70)
