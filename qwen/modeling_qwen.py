@@ -267,14 +267,27 @@ def eager_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain attention: (B, H, q, d) x (B, H, k, d) -> (B, q, H, d), softmax in float32."""
-    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    bsz, heads, q_len, dim = query.shape
+    # One query (a decoding step) against a cache that may be a view of a larger buffer
+    # (GrowingLayer): 3-d products over B*H read it in place, where 4-d matmuls copy it.
+    in_place = q_len == 1 and all(t.shape[1] == heads and t.stride(0) == heads * t.stride(1) for t in (key, value))
+    if in_place:
+        keys = key.view(bsz * heads, key.shape[2], dim)
+        weights = torch.bmm(keys, query.reshape(bsz * heads, dim, 1)).view(bsz, heads, 1, -1) * scaling
+    else:
+        weights = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             weights = weights.masked_fill(~attention_mask, torch.finfo(weights.dtype).min)
         else:
             weights = weights + attention_mask
     weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = F.dropout(weights, p=dropout, training=module.training)
+    if dropout:
+        weights = F.dropout(weights, p=dropout, training=module.training)
+    if in_place:
+        values = value.view(bsz * heads, value.shape[2], value.shape[3])
+        out = torch.bmm(weights.view(bsz * heads, 1, -1), values).view(bsz, heads, 1, -1).transpose(1, 2)
+        return out.contiguous(), weights
     out = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return out, weights
 
@@ -487,6 +500,8 @@ class QWenModel(QWenPreTrainedModel):
         logn = None
         if self.config.use_logn_attn and not self.training:
             logn = logn_scale(position_ids, self.config.seq_length)
+            if logn.device.type == "cpu" and not bool((logn > 1).any()):
+                logn = None  # every factor is 1 (all positions within seq_length)
         masks = self._masks(inputs_embeds, attention_mask, past_key_values, position_ids)
         windows = self.config.layer_windows()
 

@@ -122,13 +122,16 @@ def test_cached_decoding_equals_full_forward(model, length):
 
 
 @torch.no_grad()
-def test_decoding_cache_grows_in_place(model, monkeypatch):
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_decoding_cache_grows_in_place(tiny_dir, monkeypatch, impl):
     """No-grad decoding appends into spare room of the DynamicCache's buffers (a
-    GrowingLayer) instead of copying the cache every step; logits still equal a full
-    forward, across reallocations, a crop and a row selection."""
+    GrowingLayer) instead of copying the cache every step (eager attention reads those
+    views in place); logits still equal a full forward, across reallocations, a crop and
+    a row selection."""
     from qwen import kv_cache
 
     monkeypatch.setattr(kv_cache, "GROWING_MIN_ROOM", 3)
+    model = load(tiny_dir, attn_implementation=impl)
     ids = rand_ids(2, 40)
     full = model(ids, use_cache=False).logits
     cache = DynamicCache(config=model.config)
