@@ -805,3 +805,23 @@ def test_auto_dtype_is_the_stored_one(tmp_path):
     config = json.loads((flagged / "config.json").read_text())
     (flagged / "config.json").write_text(json.dumps({**config, "fp16": True}))
     assert _stored_dtype(str(flagged)) == torch.float16
+
+
+def test_server_packs_weights_for_batches_where_bf16_is_native(tmp_path, monkeypatch):
+    """load_engine gives a bf16 CPU model packed weight copies for batched steps where
+    bf16 matmuls are native (pack_weights, --no-pack-weights to skip), never for
+    max_batch_size 1 or a float32 model."""
+    from qwen import modeling_qwen
+    from qwen.serving.app import load_engine
+
+    ckpt = str(make_tiny(tmp_path / "bf16", "--dtype", "bf16", "--layers", "1"))
+
+    def packed(**kwargs) -> set[bool]:
+        engine = load_engine(ckpt, cpu_only=True, **kwargs)
+        return {m._packed is not None for m in engine.model.modules() if isinstance(m, modeling_qwen.QWenLinear)}
+
+    assert packed(max_batch_size=4) == {modeling_qwen.cpu_has_native(torch.bfloat16)}
+    monkeypatch.setattr(modeling_qwen, "cpu_has_native", lambda dtype: True)
+    assert packed(max_batch_size=4, pack_weights=False) == {False}
+    assert packed(max_batch_size=1) == {False}
+    assert packed(max_batch_size=4, dtype="fp32") == {False}
