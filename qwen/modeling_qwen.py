@@ -190,13 +190,12 @@ def pack_for_cpu_batches(model: nn.Module, rows: int) -> int:
     added = 0
     with torch.no_grad():
         for module in model.modules():
-            weight = getattr(module, "weight", None)
-            if (
-                not isinstance(module, QWenLinear)
-                or weight.device.type != "cpu"
-                or weight.dtype not in (torch.bfloat16, torch.float16)
-                or not cpu_has_native(weight.dtype)
-            ):
+            if not isinstance(module, QWenLinear):
+                continue
+            weight = module.weight
+            if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float16):
+                continue
+            if not cpu_has_native(weight.dtype):
                 continue
             module._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
             module._packed_version = weight._version
@@ -336,12 +335,10 @@ class QWenAttention(nn.Module):
             # there. Plain attention is 2-3.5x faster, in float32 on CPUs without native
             # bf16/fp16 matmuls, in the model's dtype (softmax in float32, as the official
             # code) on CPUs with them (2.4x at 150 keys, 4.4x at 1000).
-            if cpu_has_native(query.dtype):
-                out, _ = eager_attention(self, query, key, value, attention_mask, scaling=self.scaling)
-            else:
-                out, _ = eager_attention(
-                    self, query.float(), key.float(), value.float(), attention_mask, scaling=self.scaling
-                )
+            dtype = query.dtype if cpu_has_native(query.dtype) else torch.float32
+            out, _ = eager_attention(
+                self, query.to(dtype), key.to(dtype), value.to(dtype), attention_mask, scaling=self.scaling
+            )
             return self.c_proj(out.to(query.dtype).reshape(bsz, q_len, -1))
         out, _ = interface(
             self,
