@@ -153,6 +153,26 @@ def test_decoding_cache_grows_in_place(tiny_dir, monkeypatch, impl):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_query_attention_reads_cache_views(dtype):
+    """eager_attention with one query against key/value views of larger buffers (as a
+    GrowingLayer hands them out) equals softmax(q k^T * s) v computed by hand."""
+    from qwen.modeling_qwen import eager_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 1, 8, generator=g).to(dtype)
+    k_buf, v_buf = (torch.randn(2, 4, 20, 8, generator=g).to(dtype) for _ in range(2))
+    k, v = k_buf[:, :, :13], v_buf[:, :, :13]
+    mask = torch.ones(2, 1, 1, 13, dtype=torch.bool)
+    mask[1, ..., :4] = False  # a left-padded row
+    out, _ = eager_attention(None, q, k, v, mask, scaling=0.3)
+    scores = (q.float() @ k.float().transpose(2, 3) * 0.3).masked_fill(~mask, float("-inf"))
+    ref = (scores.softmax(-1) @ v.float()).transpose(1, 2)
+    assert out.shape == (2, 1, 4, 8) and out.dtype == dtype
+    assert (out.float() - ref).abs().max().item() < (1e-6 if dtype == torch.float32 else 3e-2)
+
+
+@torch.no_grad()
 def test_ntk_alpha_stays_fixed_while_decoding(model, tiny_dir):
     """Prefill of 60 tokens (alpha 1), then decode past 64: cached keys keep alpha 1."""
     ids = rand_ids(1, 70)
@@ -366,9 +386,9 @@ def test_one_row_half_matmul_skips_onednn(monkeypatch, dtype):
 @pytest.mark.parametrize("native", [False, True])
 def test_cpu_half_decode_step_attends_eagerly(tiny_dir, monkeypatch, native):
     """A one-token bf16 decoding step on a CPU attends over the cache with plain attention
-    instead of torch's half-precision SDPA kernel: in float32 without native bf16, in bf16
-    (softmax in float32) with it. A left-padded batch's last logits stay as close to the
-    float32 model's as SDPA's own whole-sequence forward."""
+    instead of torch's half-precision SDPA kernel: in float32 for one sequence or without
+    native bf16, in bf16 (softmax in float32) for a batch with it. A left-padded batch's
+    last logits stay as close to the float32 model's as SDPA's own whole-sequence forward."""
     from qwen import modeling_qwen
 
     monkeypatch.setattr(modeling_qwen, "cpu_has_native", lambda dtype: native)
@@ -376,6 +396,7 @@ def test_cpu_half_decode_step_attends_eagerly(tiny_dir, monkeypatch, native):
     real = modeling_qwen.eager_attention
     monkeypatch.setattr(modeling_qwen, "eager_attention", lambda *a, **k: calls.append(a[1].dtype) or real(*a, **k))
     half = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    layers = half.config.num_hidden_layers
     ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
@@ -383,10 +404,14 @@ def test_cpu_half_decode_step_attends_eagerly(tiny_dir, monkeypatch, native):
     half(ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache, use_cache=True)
     assert calls == []  # prefill keeps SDPA
     step = half(ids[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1].float()
-    assert calls == [torch.bfloat16 if native else torch.float32] * half.config.num_hidden_layers
+    assert calls == [torch.bfloat16 if native else torch.float32] * layers
     whole = half(ids, attention_mask=mask).logits[:, -1].float()
     exact = load(tiny_dir)(ids, attention_mask=mask).logits[:, -1]
     assert (step - exact).abs().max() <= 2 * (whole - exact).abs().max() + 1e-3
+    calls.clear()
+    cache.batch_select_indices(torch.tensor([0]))  # one sequence: float32 either way
+    half(ids[:1, -1:], past_key_values=cache, use_cache=True)
+    assert calls == [torch.float32] * layers
 
 
 @torch.no_grad()
