@@ -52,6 +52,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.api_auth is not None and ":" not in args.api_auth:
         parser.error("--api-auth must be USER:PASSWORD")
+    # Checked here, before minutes of loading a model, rather than by the engine after it.
+    for flag, value, least in (
+        ("--max-batch-size", args.max_batch_size, 1),
+        ("--max-queue", args.max_queue, 0),
+        ("--max-model-len", args.max_model_len, 1),
+        ("--max-prefill-tokens", args.max_prefill_tokens, 1),
+        ("--threads", args.threads, 0),
+    ):
+        if value is not None and value < least:
+            parser.error(f"{flag} must be at least {least}, got {value}")
     return args
 
 

@@ -825,3 +825,15 @@ def test_server_packs_weights_for_batches_where_bf16_is_native(tmp_path, monkeyp
     assert packed(max_batch_size=4, pack_weights=False) == {False}
     assert packed(max_batch_size=1) == {False}
     assert packed(max_batch_size=4, dtype="fp32") == {False}
+
+
+@pytest.mark.parametrize(
+    "flags", [["--max-batch-size", "0"], ["--max-queue", "-1"], ["--max-prefill-tokens", "0"], ["--threads", "-2"]]
+)
+def test_bad_limits_fail_before_loading(flags):
+    """Out-of-range limits are argparse errors naming the flag (exit 2, nothing loaded:
+    the checkpoint path does not even exist)."""
+    cmd = [sys.executable, "openai_api.py", "-c", "/nonexistent", *flags]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 2
+    assert f"{flags[0]} must be at least" in result.stderr and "Traceback" not in result.stderr
