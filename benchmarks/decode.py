@@ -114,7 +114,7 @@ def run_model(which: str, path: Path, prompt_len: int, new_tokens: int) -> dict:
     load_s = time.perf_counter() - t0
     rss_loaded = peak_rss_gib()
     weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-    ids = torch.randint(0, 151643, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, ENDOFTEXT, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     # Plain greedy decoding, the same for both contenders: no repetition penalty (the
     # chat checkpoint's generation_config asks for 1.1, Qwen2's has none), and the length
     # forced by ruling out end-of-text with an O(1) processor; ``min_new_tokens`` would do
