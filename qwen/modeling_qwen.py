@@ -69,16 +69,26 @@ def logn_scale(position_ids: torch.Tensor, seq_length: int) -> torch.Tensor:
     return (torch.log(p) / math.log(seq_length)).clamp(min=1.0)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rotary_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos`` and a sign-folded ``sin`` from :class:`QWenRotaryEmbedding` ((B, q, 1, dim)),
+    shaped (B, q, 1, 1, dim) to rotate queries and keys together with :func:`apply_rotary`.
+
+    The rotate-half convention ``x * cos + cat(-x2, x1) * sin`` is computed as
+    ``x * cos + cat(x2, x1) * cat(-sin1, sin2)``: the same numbers (negation is exact),
+    one swap of the halves instead of a split, a negation and a concatenation.
+    """
+    half = sin.shape[-1] // 2
+    signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return cos.unsqueeze(2), signed.unsqueeze(2)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``cos.shape[-1]`` dims of ``x`` (B, q, heads, d) in float32."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` dims of ``x`` (..., d) in float32 (rotate-half
+    convention; ``signed_sin`` from :func:`rotary_tables`), rounded back to ``x.dtype``."""
     rot = cos.shape[-1]
     x_rot = x[..., :rot].float()
-    out = x_rot * cos + rotate_half(x_rot) * sin
+    swapped = x_rot.unflatten(-1, (2, rot // 2)).flip(-2).flatten(-2)
+    out = x_rot * cos + swapped * signed_sin
     if rot < x.shape[-1]:
         out = torch.cat((out, x[..., rot:].float()), dim=-1)
     return out.to(x.dtype)
@@ -211,8 +221,8 @@ class QWenRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        # x * rsqrt(mean(x^2) + eps) in float32 (torch's fused kernel), cast back, times the weight
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return h.to(x.dtype) * self.weight
 
 
@@ -320,10 +330,8 @@ class QWenAttention(nn.Module):
     ) -> torch.Tensor:
         bsz, q_len, _ = hidden_states.shape
         qkv = self.c_attn(hidden_states).view(bsz, q_len, 3, self.num_heads, self.head_dim)
-        query, key, value = qkv.unbind(dim=2)
-        cos, sin = rotary
-        query = apply_rotary(query, cos, sin)
-        key = apply_rotary(key, cos, sin)
+        query, key = apply_rotary(qkv[:, :, :2], *rotary).unbind(dim=2)  # both in one pass
+        value = qkv[:, :, 2]
         if logn is not None:
             query = query * logn[:, :, None, None].to(query.dtype)
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))
@@ -501,7 +509,7 @@ class QWenModel(QWenPreTrainedModel):
         position_ids = position_ids.expand(bsz, -1)
 
         alpha = self._ntk(position_ids, past_key_values, past_len, bsz)
-        rotary = self.rotary_emb(position_ids, alpha)
+        rotary = rotary_tables(*self.rotary_emb(position_ids, alpha))
         logn = None
         if self.config.use_logn_attn and not self.training:
             logn = logn_scale(position_ids, self.config.seq_length)
