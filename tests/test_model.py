@@ -11,7 +11,7 @@ from reference import naive_forward, qwen2_reference
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import qwen
-from qwen.modeling_qwen import logn_scale, ntk_alpha
+from qwen.modeling_qwen import QWenRotaryEmbedding, apply_rotary, logn_scale, ntk_alpha, rotary_tables
 
 ATOL = 1e-5
 
@@ -83,6 +83,35 @@ def test_ntk_alpha_and_logn_by_hand():
     p = torch.tensor([0, 62, 63, 64, 127, 4095, 100_000])
     expected = [1, 1, 1, math.log(65) / math.log(64), math.log(128) / math.log(64), 2.0, math.log(100_001, 64)]
     assert torch.allclose(logn_scale(p, S), torch.tensor(expected, dtype=torch.float32), atol=1e-6)
+
+
+@pytest.mark.parametrize("pct", [1.0, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_is_the_rotate_half_formula(pct, dtype):
+    # The textbook form, written out: the first rot dims of q and k become
+    # x * cos + cat(-x2, x1) * sin (float32, rounded once); the rest pass through.
+    config = qwen.QWenConfig(
+        hidden_size=64,
+        num_attention_heads=2,
+        kv_channels=32,
+        rotary_pct=pct,
+        num_hidden_layers=1,
+        intermediate_size=16,
+        vocab_size=32,
+        rotary_emb_base=10000,
+    )
+    positions = torch.tensor([[0, 1, 5, 300]])
+    cos, sin = QWenRotaryEmbedding(config)(positions)
+    rot = int(32 * pct)
+    freqs = positions[0, :, None].double() / 10000 ** (torch.arange(0, rot, 2).double() / rot)
+    assert torch.allclose(cos[0, :, 0], torch.cat((freqs, freqs), -1).cos().float(), atol=1e-4)
+    qk = torch.randn(1, 4, 2, 2, 32).to(dtype)
+    x = qk[..., :rot].float()
+    x1, x2 = x[..., : rot // 2], x[..., rot // 2 :]
+    c, s = cos[:, :, None], sin[:, :, None]
+    expected = torch.cat((x * c + torch.cat((-x2, x1), -1) * s, qk[..., rot:].float()), -1).to(dtype)
+    got = apply_rotary(qk, *rotary_tables(cos, sin))
+    assert got.dtype == dtype and torch.equal(got, expected)
 
 
 @torch.no_grad()
