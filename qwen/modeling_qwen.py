@@ -15,8 +15,10 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+import itertools
 import logging
 import math
+import os
 import weakref
 from collections.abc import Callable
 
@@ -674,7 +676,38 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin, QWenChatMixin):
                     f"checkpoint {pretrained_model_name_or_path!s} does not match the Qwen-1 layout "
                     f"({'; '.join(problems)}); refusing to run on randomly initialised weights"
                 )
+        map_cpu_weights(model)
         return (model, info) if want_info else model
+
+
+def map_cpu_weights(model: nn.Module) -> None:
+    """Touch one element per memory page of every CPU weight, so that weights memory-mapped
+    from a safetensors file are mapped into this process now, at load, rather than page by
+    page during the first forward (which then ran ~0.15 s slower on a 1.8B model: the
+    first request of a server, the first reply of a chat). Reads ~1/2000 of the bytes;
+    costs ~0.2 s for 3.4 GB of bf16 weights already in the page cache, or the disk read
+    the first forward would otherwise do. Skipped where the weights exceed half the RAM
+    (there the kernel must page them in and out anyway)."""
+    tensors, seen = [], set()
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.device.type == "cpu" and t.numel() and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            tensors.append(t.detach())
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    if not tensors or total > _ram_bytes() // 2:
+        return
+    with torch.no_grad():
+        for t in tensors:
+            flat = t.reshape(-1) if t.is_contiguous() else t
+            if flat.dim() == 1:
+                flat[:: max(1, 4096 // t.element_size())].max()
+
+
+def _ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX
+        return 2**62
 
 
 _HUB_KWARGS = (

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, make_tiny
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -139,6 +139,29 @@ def test_bf16_load_keeps_bf16_values(tiny_dir):
     state = model.state_dict()
     for name, tensor in stored.items():
         assert torch.equal(state[name], tensor), name
+
+
+def _mapped_bytes(path) -> int:
+    """Resident bytes of this process's memory mappings of ``path`` (/proc/self/smaps)."""
+    rss, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+                inside = fields[-1] == str(path)
+            elif inside and fields[0] == "Rss:":
+                rss += int(fields[1]) * 1024
+    return rss
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
+def test_memory_mapped_weights_are_mapped_at_load(tmp_path):
+    """from_pretrained maps the whole weights file in, so the first forward does not page-fault it in."""
+    ckpt = make_tiny(tmp_path / "bf16", "--dtype", "bf16")
+    weights = (ckpt / "model.safetensors").resolve()
+    model = AutoModelForCausalLM.from_pretrained(ckpt, bf16=True)
+    assert _mapped_bytes(weights) >= 0.95 * weights.stat().st_size
+    del model
 
 
 # ----------------------------------------------------------------- weights
