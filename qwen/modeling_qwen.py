@@ -686,9 +686,15 @@ def map_cpu_weights(model: nn.Module) -> None:
     page during the first forward (which then ran ~0.15 s slower on a 1.8B model: the
     first request of a server, the first reply of a chat). Reads ~1/2000 of the bytes;
     costs ~0.2 s for 3.4 GB of bf16 weights already in the page cache, or the disk read
-    the first forward would otherwise do. Skipped where the weights exceed half the RAM
-    (there the kernel must page them in and out anyway)."""
-    tensors, seen = [], set()
+    the first forward would otherwise do. The input embedding table is left alone (a
+    forward reads a few of its rows; mapping it all would add its size to the resident
+    set) unless it doubles as the output layer. Skipped where the weights exceed half
+    the RAM (there the kernel must page them in and out anyway)."""
+    seen = set()
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embeddings is not None and (head is None or head.weight is not embeddings.weight):
+        seen.add(embeddings.weight.data_ptr())
+    tensors = []
     for t in itertools.chain(model.parameters(), model.buffers()):
         if t.device.type == "cpu" and t.numel() and t.data_ptr() not in seen:
             seen.add(t.data_ptr())
