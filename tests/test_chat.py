@@ -413,3 +413,17 @@ def test_batch_inference_example(tiny_chat_dir):
     )
     assert run.returncode == 0, run.stderr
     assert "greedy batch == one by one: True" in run.stdout
+
+
+def test_call_off_main_thread_returns_and_raises():
+    from qwen.qwen_generation_utils import call_off_main_thread
+
+    caller = threading.get_ident()
+    assert call_off_main_thread(lambda a, b=0: (a + b, threading.get_ident()), 2, b=3)[0] == 5
+    assert call_off_main_thread(threading.get_ident) != caller
+
+    def boom():
+        raise KeyError("missing")
+
+    with pytest.raises(KeyError, match="missing"):
+        call_off_main_thread(boom)
