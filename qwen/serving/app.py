@@ -166,6 +166,10 @@ def load_engine(
     model a oneDNN-packed second copy of its half-precision weights for batched decoding
     steps (:func:`qwen.modeling_qwen.pack_for_cpu_batches`): about 40% faster steps for
     twice the weights' memory. Ignored elsewhere and with ``max_batch_size`` 1.
+
+    The model is loaded (and packed) in a helper thread, so that the calling thread keeps
+    no OpenMP workers that would slow the engine's own thread down (see
+    :func:`qwen.qwen_generation_utils.call_off_main_thread`).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
