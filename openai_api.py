@@ -50,8 +50,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--enable-test-hooks", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.api_auth is not None and ":" not in args.api_auth:
-        parser.error("--api-auth must be USER:PASSWORD")
+    if args.api_key is not None and not args.api_key.strip():
+        # an unset $KEY in a launch script must not quietly open the server
+        parser.error("--api-key is empty: give a key, or leave the option out to serve without one")
+    if args.api_auth is not None:
+        user, colon, password = args.api_auth.partition(":")
+        if not colon or not user or not password:
+            parser.error("--api-auth must be USER:PASSWORD with neither part empty")
     # Checked here, before minutes of loading a model, rather than by the engine after it.
     for flag, value, least in (
         ("--max-batch-size", args.max_batch_size, 1),

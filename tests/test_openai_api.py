@@ -295,6 +295,23 @@ def test_completions(client, model, tok):
     assert "".join(c.choices[0].text for c in streamed) == reply.choices[0].text
 
 
+def test_completions_defaults_and_chat_only_fields(server):
+    """``max_tokens`` left out or null is OpenAI's 16; the chat-only length fields are
+    unknown extras on /v1/completions (ignored, never read unvalidated);
+    ``logprobs: 0`` asks for logprobs and is refused like any other value."""
+    url = f"{server.url}/v1/completions"
+    base = {"prompt": "hello", "temperature": 0, "ignore_eos": True}
+    for extra in ({}, {"max_tokens": None}, {"max_completion_tokens": "abc"}, {"max_tokens": None, "max_length": "x"}):
+        response = httpx.post(url, json={**base, **extra}, timeout=60)
+        assert response.status_code == 200, (extra, response.text)
+        assert response.json()["usage"]["completion_tokens"] == 16, extra
+    response = httpx.post(url, json={**base, "max_completion_tokens": 3}, timeout=60)
+    assert response.json()["usage"]["completion_tokens"] == 16
+    error = _error(httpx.post(url, json={**base, "logprobs": 0}, timeout=60), 400)
+    assert error["param"] == "logprobs"
+    assert httpx.post(url, json={**base, "suffix": "", "max_tokens": 2}, timeout=60).status_code == 200
+
+
 def test_n_and_seed(client):
     kwargs = dict(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, n=2, seed=7)
     first = client.chat.completions.create(temperature=1.0, **kwargs)
@@ -526,6 +543,50 @@ def test_tool_choice_none_is_plain_chat(client, tok):
     reply = client.chat.completions.create(model="m", messages=question, tools=TOOLS, tool_choice="none", max_tokens=2)
     _, ids = make_context(tok, "Weather in Paris?", system=SYSTEM, max_window_size=None)
     assert reply.usage.prompt_tokens == len(ids)
+    # a reply that looks like a call is text, not a call (of a tool or of anything else)
+    for forced in (CALL_TEXT, 'Thought: x\nAction: rm_rf\nAction Input: {"path": "/"}'):
+        for kwargs in ({"tools": TOOLS, "tool_choice": "none"}, {"functions": [WEATHER], "function_call": "none"}):
+            reply = client.chat.completions.create(
+                model="m", messages=question, extra_body={"forced_output": forced}, **kwargs
+            )
+            message = reply.choices[0].message
+            assert not message.tool_calls and not message.function_call
+            assert message.content == forced and reply.choices[0].finish_reason == "stop"
+    # and streams as it is generated, as without tools
+    chunks = list(
+        client.chat.completions.create(
+            model="m",
+            messages=question,
+            tools=TOOLS,
+            tool_choice="none",
+            stream=True,
+            extra_body={"forced_output": "one two three four five"},
+        )
+    )
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+    assert "".join(pieces) == "one two three four five" and len(pieces) > 1
+
+
+def test_calls_carry_the_declared_name_not_name_for_model(client):
+    """The original ``name_for_model`` is what the model is told and writes after
+    ``Action:``; the reply names the function as the client declared it."""
+    question = [{"role": "user", "content": "Weather in Paris?"}]
+    aliased = {**WEATHER, "name_for_model": "weather_api"}
+    forced = CALL_TEXT.replace("Action: get_weather", "Action: weather_api")
+    for stream in (False, True):
+        for kwargs in ({"tools": [{"type": "function", "function": aliased}]}, {"functions": [aliased]}):
+            result = client.chat.completions.create(
+                model="m", messages=question, stream=stream, extra_body={"forced_output": forced}, **kwargs
+            )
+            if stream:
+                deltas = [c.choices[0].delta for c in result]
+                names = [tc.function.name for d in deltas for tc in (d.tool_calls or []) if tc.function.name]
+                names += [d.function_call.name for d in deltas if d.function_call and d.function_call.name]
+            else:
+                message = result.choices[0].message
+                names = [tc.function.name for tc in message.tool_calls or []]
+                names += [message.function_call.name] if message.function_call else []
+            assert names == ["get_weather"], (stream, kwargs, names)
 
 
 # --------------------------------------------------------------------------- errors
@@ -552,6 +613,25 @@ def _error(response: httpx.Response, status: int) -> dict:
         ({"messages": [{"role": "bot", "content": "x"}]}, "messages.0.role", "unknown role 'bot'"),
         ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs", "not supported"),
         ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice", "no tools"),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": TOOLS,
+                "tool_choice": {"function": "get_weather"},
+            },
+            "tool_choice",
+            "name a function",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f", "name_for_model": 5}]},
+            "functions.0.name_for_model",
+            "must be a string",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+            "messages.0.content.0.text",
+            "must be a string",
+        ),
         (
             {
                 "messages": [{"role": "user", "content": "x"}],
@@ -747,6 +827,26 @@ def test_sampler_distribution_equals_transformers_warpers(temperature, top_k, to
     torch.testing.assert_close(mine[~differ], reference[~differ], atol=1e-6, rtol=1e-3)
 
 
+@pytest.mark.parametrize("temperature, repetition_penalty", [(1e-40, 1.0), (1e-30, 1.3), (0.7, 1e-300), (1.0, 1e-300)])
+def test_sampler_survives_overflowing_settings(temperature, repetition_penalty):
+    """Settings the API accepts but that overflow float32 (scores / 1e-40 = inf) give
+    the limit distribution, never NaN: a tiny temperature draws the best token."""
+    scores = torch.randn(1, 1000, generator=torch.Generator().manual_seed(1)) * 3
+    scores[0, 7] = 12.0  # the best token, and a seen one
+    ids = [7, 3, 3]
+    params = SamplingParams(temperature=temperature, repetition_penalty=repetition_penalty, seed=0)
+    sampler = RowSampler(params, 0, torch.device("cpu"))
+    processed = sampler.processors(torch.tensor([ids]), scores.clone()) if sampler.processors else scores
+    indices, probs = sampler.distribution(processed)
+    assert bool(torch.isfinite(probs).all()) and float(probs.sum()) > 0
+    best = int(processed.argmax())
+    tokens = {sampler(ids, scores.clone()) for _ in range(20)}
+    if temperature < 1e-20:
+        assert tokens == {best}
+    else:  # the penalty made every seen token's positive score infinite: those share the mass
+        assert tokens <= {i for i in ids if processed[0, i] == float("inf")} | {best}
+
+
 def test_penalties_equal_reference():
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
@@ -825,6 +925,24 @@ def test_server_packs_weights_for_batches_where_bf16_is_native(tmp_path, monkeyp
     assert packed(max_batch_size=4, pack_weights=False) == {False}
     assert packed(max_batch_size=1) == {False}
     assert packed(max_batch_size=4, dtype="fp32") == {False}
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--api-key", ""], "--api-key is empty"),
+        (["--api-key", "  "], "--api-key is empty"),
+        (["--api-auth", "alice"], "--api-auth must be USER:PASSWORD"),
+        (["--api-auth", "alice:"], "--api-auth must be USER:PASSWORD"),
+        (["--api-auth", ":secret"], "--api-auth must be USER:PASSWORD"),
+    ],
+)
+def test_empty_credentials_are_refused(flags, words):
+    """An empty key (say an unset $KEY in a launch script) must not quietly serve
+    without authentication: an argparse error before loading."""
+    cmd = [sys.executable, "openai_api.py", "-c", "/nonexistent", *flags]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(

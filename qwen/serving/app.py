@@ -69,6 +69,7 @@ from qwen.serving.protocol import (
 logger = logging.getLogger("qwen.serving")
 
 MAX_STOP_STRINGS = 16
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 _LOG_KEY = "qwen.request_log"
 _ERROR_RESPONSES = {
     400: {"model": ErrorResponse, "description": "Invalid request"},
@@ -252,6 +253,10 @@ def create_app(
         description="Chat and text completions from a first-generation Qwen model, with continuous batching.",
         lifespan=lifespan,
     )
+    if api_key is not None and not api_key.strip():
+        raise ValueError("api_key is empty: pass None to serve without a key")
+    if api_auth is not None and not all(api_auth.partition(":")[::2]):
+        raise ValueError("api_auth must be 'user:password' with neither part empty")
     server = _Server(engine, served_model_name, enable_test_hooks)
     auth = [Depends(_auth_dependency(api_key, api_auth))] if (api_key or api_auth) else []
 
@@ -540,9 +545,12 @@ class _Server:
     def _max_tokens(self, body, prompt_tokens: int, default: int | None, param: str) -> int:
         limit = self.engine.max_model_len
         requested = body.max_tokens
-        if getattr(body, "max_completion_tokens", None) is not None:
+        # Only where the request model declares (and so validates) them: on
+        # /v1/completions these names are unknown extra fields, ignored like any other.
+        declared = type(body).model_fields
+        if "max_completion_tokens" in declared and body.max_completion_tokens is not None:
             requested = body.max_completion_tokens
-        legacy = getattr(body, "max_length", None)
+        legacy = body.max_length if "max_length" in declared else None
         if requested is None and legacy is not None:
             if legacy <= prompt_tokens:
                 raise _bad(
@@ -616,6 +624,11 @@ class _Server:
             [(ids, self._params(body, max_tokens, stop, True, i, forced)) for i in range(body.n)], request_id
         )
         names = function_names(functions) if functions else None
+        if style and not functions:
+            # tool_choice / function_call "none": the model may not call anything. A plain
+            # reply streams as it comes; one continuing a ReAct turn of the history is
+            # still parsed for its final answer, with no name accepted as a call.
+            style, names = (style, {}) if prompt.prefill else (None, None)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = self._chat_events(pending, request_id, body.n, style, names, len(ids), include_usage, info)
@@ -725,9 +738,9 @@ class _Server:
         request_id = f"cmpl-{uuid.uuid4().hex[:24]}"
         info.update(id=request_id, stream=body.stream, n=body.n)
         self._warn_ignored(body, request_id)
-        if body.suffix:
+        if body.suffix:  # an empty suffix asks for nothing
             raise _bad("suffix is not supported by this server", param="suffix")
-        if body.logprobs:
+        if body.logprobs is not None:  # logprobs=0 still asks for the chosen tokens' logprobs
             raise _bad("logprobs are not supported by this server", param="logprobs")
         if body.best_of is not None and body.best_of != body.n:
             raise _bad("best_of is not supported by this server (leave it unset or equal to n)", param="best_of")
@@ -736,7 +749,7 @@ class _Server:
         forced = self._forced(body)
         items = []
         for ids, _ in prompts:
-            max_tokens = self._max_tokens(body, len(ids), None, "prompt")
+            max_tokens = self._max_tokens(body, len(ids), COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
             items += [(ids, self._params(body, max_tokens, stop, False, i, forced)) for i in range(body.n)]
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
         info["prompt_tokens"] = prompt_tokens

@@ -343,6 +343,13 @@ class RowSampler:
         logits = scores[0]
         if self.temperature != 1.0:
             logits = logits / self.temperature
+        if not bool(torch.isfinite(logits.max())):
+            # Overflow: a tiny temperature (1e-40) or repetition penalty (1e-300) made
+            # scores infinite, and inf - inf would give NaN probabilities. Shifted so the
+            # largest is 0 before scaling, the same distribution is finite: the top
+            # tokens keep probability, the rest go to 0.
+            finite = scores[0].clamp(max=torch.finfo(scores.dtype).max)
+            logits = (finite - finite.max()) / self.temperature
         vocab = logits.shape[-1]
         if self.top_k > 0:  # the top-k set, renormalised; top-p is then applied within it
             values, indices = torch.topk(logits, min(self.top_k, vocab))

@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from qwen.qwen_generation_utils import DEFAULT_SYSTEM
@@ -148,6 +148,10 @@ def _check_function(definition: Any, param: str) -> dict:
     name = definition.get("name")
     if not isinstance(name, str) or not name.strip():
         raise PromptError(f"{param}.name must be a non-empty string", f"{param}.name")
+    for key in ("description", "name_for_model", "name_for_human", "description_for_model"):
+        value = definition.get(key)
+        if value is not None and not isinstance(value, str):
+            raise PromptError(f"{param}.{key} must be a string", f"{param}.{key}")
     parameters = definition.get("parameters")
     if parameters is not None and not isinstance(parameters, dict):
         raise PromptError(f"{param}.parameters must be a JSON Schema object", f"{param}.parameters")
@@ -161,7 +165,8 @@ def _choose(defs: list[dict], choice: Any, param: str, nested: bool) -> list[dic
         return []
     name = None
     if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if nested else choice.get("name")
+        named = choice.get("function") if nested else choice
+        name = named.get("name") if isinstance(named, dict) else None
     if not isinstance(name, str):
         raise PromptError(f"{param} must be 'none', 'auto', 'required' or name a function", param)
     chosen = [d for d in defs if d["name"] == name]
@@ -194,8 +199,10 @@ def react_instruction(functions: Sequence[dict]) -> str:
     return REACT_INSTRUCTION.format(tools_text="\n\n".join(descriptions), tools_name_text=", ".join(names))
 
 
-def function_names(functions: Sequence[dict]) -> set[str]:
-    return {d.get("name_for_model") or d["name"] for d in functions}
+def function_names(functions: Sequence[dict]) -> dict[str, str]:
+    """The name the model is told for each function (``name_for_model`` if given, else
+    ``name``) -> the name the client declared (``name``), which replies carry."""
+    return {d.get("name_for_model") or d["name"]: d["name"] for d in functions}
 
 
 # --------------------------------------------------------------------------- messages
@@ -214,6 +221,8 @@ def content_text(content: Any, param: str) -> str:
                 texts.append(part)
             elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"])
+            elif isinstance(part, dict) and part.get("type") == "text":
+                raise PromptError(f"{param}[{index}].text must be a string", f"{param}.{index}.text")
             else:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise PromptError(
@@ -364,7 +373,8 @@ def parse_react(text: str, names: Collection[str] | None = None) -> ParsedReply:
 
     A call is an ``Action:`` line followed by an ``Action Input:`` line (before any
     ``Final Answer:``), naming one of ``names`` (if given) with a JSON object as input;
-    the thought before it becomes the content. Otherwise the text after ``Final
+    the thought before it becomes the content. With ``names`` a mapping (from
+    :func:`function_names`) the call carries the name it maps to. Otherwise the text after ``Final
     Answer:`` is the content, or, without one, the whole text. A malformed call (unknown
     tool, input that is not a JSON object) is returned as plain content: the whole text.
     """
@@ -381,6 +391,8 @@ def parse_react(text: str, names: Collection[str] | None = None) -> ParsedReply:
                 arguments = arguments[:observation]
             arguments = _json_object(arguments.strip())
             if name and arguments is not None and (names is None or name in names):
+                if isinstance(names, Mapping):
+                    name = names[name]
                 return ParsedReply(_strip_thought(text[:action]) or None, name, arguments)
         return ParsedReply(text.strip())
     if final >= 0:
