@@ -175,7 +175,7 @@ class QWenLinear(nn.Linear):
     or through a oneDNN-packed copy of the weight after :func:`pack_for_cpu_batches`."""
 
     _packed: torch.Tensor | None = None
-    _packed_version: int = -1
+    _packed_key: tuple | None = None
     _packed_rows: int = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,12 +183,20 @@ class QWenLinear(nn.Linear):
             if x.numel() == x.shape[-1]:
                 return cpu_one_row_linear(x, self.weight, self.bias)
             if self._packed is not None and x.numel() <= 2 * self._packed_rows * x.shape[-1]:
-                if self._packed_version == self.weight._version:
+                if self._packed_key == _weight_key(self.weight):
                     return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
                 self._packed = None  # the weight changed since it was packed
             if x.numel() >= CPU_FP32_MIN_ROWS * x.shape[-1] and not cpu_has_native(x.dtype):
                 return cpu_half_linear(x, self.weight, self.bias)
         return super().forward(x)
+
+
+def _weight_key(weight: torch.Tensor) -> tuple:
+    """What tells a packed copy that its weight changed: in-place writes bump the
+    version; ``model.to(...)`` and assigning ``.data`` a new tensor change the storage,
+    dtype or shape. Writes through ``.data`` in place are invisible (they bump no
+    version): pack after such changes (peft's ``merge_and_unload`` makes them)."""
+    return (weight._version, weight.data_ptr(), weight.dtype, weight.shape)
 
 
 def pack_for_cpu_batches(model: nn.Module, rows: int) -> int:
@@ -197,7 +205,8 @@ def pack_for_cpu_batches(model: nn.Module, rows: int) -> int:
     ``2 * rows`` rows then use it (the same results; a 16-row decoding step of a
     1.8B-shaped model on a 2-core AVX512-BF16 CPU: 0.33 s -> 0.20 s). One-row products
     and long prefills keep the plain weight, so this costs a second copy of the weights
-    in memory; a weight changed in place drops its copy. Does nothing where CPU
+    in memory; a weight changed in place or replaced drops its copy (not a write
+    through ``.data``: pack after merging adapters). Does nothing where CPU
     bf16/fp16 matmuls are not native. Returns the bytes added."""
     added = 0
     with torch.no_grad():
@@ -210,7 +219,7 @@ def pack_for_cpu_batches(model: nn.Module, rows: int) -> int:
             if not cpu_has_native(weight.dtype):
                 continue
             module._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
-            module._packed_version = weight._version
+            module._packed_key = _weight_key(weight)
             module._packed_rows = rows
             added += weight.numel() * weight.element_size()
     return added
@@ -343,7 +352,13 @@ class QWenAttention(nn.Module):
             interface = past_key_values.attention_interface(interface)
         elif past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
-        if q_len == 1 and self.config._attn_implementation == "sdpa" and cpu_half_inference(query):
+        one_row_fast_path = (
+            q_len == 1
+            and self.config._attn_implementation == "sdpa"
+            and cpu_half_inference(query)
+            and not isinstance(past_key_values, Int8KVCache)  # it attends through its own interface
+        )
+        if one_row_fast_path:
             # One query row against the cache: torch's half-precision SDPA kernel is slow
             # there; plain attention is 2-4.5x faster. It runs in float32 (over a float32
             # copy of the cache) for a single sequence and on CPUs without native

@@ -259,6 +259,25 @@ def test_generate_with_int8_cache_is_close_to_float_cache(float_model, int8_mode
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_cpu_decoding_goes_through_the_int8_cache(ckpt, dtype):
+    """bf16/fp16 on CPU with SDPA (the default) has a one-row decoding fast path; with
+    the int8 cache it must still store each step and attend over the whole cache (it
+    once bypassed the cache: every step saw only its own token). Reference: the same
+    model with eager attention, which always went through the cache."""
+    ids = rand_ids(1, 10, seed=3)
+    sdpa = load(ckpt, use_cache_quantization=True, dtype=dtype)
+    eager = load(ckpt, use_cache_quantization=True, dtype=dtype, attn_implementation="eager")
+    assert sdpa.config._attn_implementation == "sdpa"
+    out, ref = _greedy(sdpa, ids, 12), _greedy(eager, ids, 12)
+    assert type(out.past_key_values) is Int8KVCache
+    assert out.past_key_values.get_seq_length() == 10 + 12 - 1
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=0.1, rtol=0.05)  # bf16: eager and SDPA prefills round apart
+
+
+@torch.no_grad()
 def test_teacher_forced_logits_match_float_cache(float_model, int8_model):
     ids = rand_ids(2, 40, seed=6)
     prompt, rest = ids[:, :16], ids[:, 16:]

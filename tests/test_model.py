@@ -479,3 +479,12 @@ def test_packed_weights_for_cpu_batches(tiny_dir, monkeypatch):
     pack_for_cpu_batches(m, 4)
     layer.weight.mul_(2)  # in place: the packed copy is stale and dropped
     assert torch.equal(layer(x), 2 * plain[0]) and layer._packed is None
+    # a weight replaced (new storage) or converted: the copy is dropped too
+    pack_for_cpu_batches(m, 4)
+    layer.weight.data = layer.weight.data * 0.5
+    assert torch.equal(layer(x), plain[0]) and layer._packed is None
+    pack_for_cpu_batches(m, 4)
+    m.half()  # was: oneDNN failed on the bf16 copy of an fp16 weight
+    expected = torch.nn.functional.linear(x.half().float(), layer.weight.float())
+    torch.testing.assert_close(layer(x.half()).float(), expected, atol=2e-3, rtol=2e-3)
+    assert layer._packed is None
