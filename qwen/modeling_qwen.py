@@ -16,9 +16,11 @@ import functools
 import importlib.util
 import inspect
 import itertools
+import json
 import logging
 import math
 import os
+import struct
 import weakref
 from collections.abc import Callable
 
@@ -663,6 +665,8 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin, QWenChatMixin):
             setattr(config, flag, bool(value))
         config.validate_qwen()
 
+        if isinstance(dtype, str) and dtype == "auto":  # as in transformers: the stored dtype
+            dtype = None if config.precision_flag else stored_dtype(pretrained_model_name_or_path, config)
         dtype = _resolve_dtype(config, dtype, explicit_flags=any(flags.values()))
         if "attn_implementation" not in kwargs and config._attn_implementation_internal is None:
             kwargs["attn_implementation"] = _choose_attention(config, dtype, kwargs.get("device_map"))
@@ -756,10 +760,43 @@ def _resolve_dtype(config: QWenConfig, dtype, explicit_flags: bool) -> torch.dty
         chosen = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     else:
         chosen = torch.float32
-    if chosen in _FLAG_OF_DTYPE:
-        for f in PRECISION_FLAGS:
-            setattr(config, f, f == _FLAG_OF_DTYPE[chosen])
+    # Not written back as a precision flag: a checkpoint saved after an automatic choice
+    # (fp32 on a CPU) must still choose for itself where it is loaded next.
     return chosen
+
+
+def stored_dtype(checkpoint, config: QWenConfig | None = None) -> torch.dtype:
+    """The dtype a checkpoint's weights are stored in: its precision flag, else its
+    config's ``dtype``, else that of the first tensor of its safetensors files; float32
+    where none of them says bf16 or fp16 (``pytorch_model.bin`` checkpoints without
+    either)."""
+    from transformers.utils import cached_file
+
+    if config is None:
+        config = QWenConfig.from_pretrained(checkpoint)
+    flag = config.precision_flag
+    stored = _DTYPE_OF_FLAG[flag] if flag else getattr(config, "dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    if stored is None:
+        found = None
+        index = cached_file(checkpoint, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+        if index is not None:
+            with open(index) as f:
+                shard = next(iter(json.load(f)["weight_map"].values()))
+            found = cached_file(checkpoint, shard, _raise_exceptions_for_missing_entries=False)
+        else:
+            found = cached_file(checkpoint, "model.safetensors", _raise_exceptions_for_missing_entries=False)
+        if found is not None:
+            with open(found, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+            tags = [v["dtype"] for k, v in header.items() if k != "__metadata__"]
+            stored = _SAFETENSORS_HALF.get(tags[0]) if tags else None
+    return stored if stored in (torch.bfloat16, torch.float16) else torch.float32
+
+
+_SAFETENSORS_HALF = {"BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def _choose_attention(config: QWenConfig, dtype: torch.dtype, device_map) -> str:

@@ -121,6 +121,30 @@ def test_precision_flag_in_config_json(tmp_path, tiny_dir):
         AutoModelForCausalLM.from_pretrained(ckpt, fp16=True)
 
 
+def test_saved_checkpoint_keeps_choosing_its_dtype(tmp_path, tiny_dir):
+    """A dtype chosen automatically (fp32 on a CPU) is not saved as a precision flag:
+    the saved checkpoint reloads with any flag, and chooses again without one."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    assert model.dtype == torch.float32
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert not any(saved.get(f) for f in ("bf16", "fp16", "fp32"))
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "saved", bf16=True).dtype == torch.bfloat16
+    # an explicit flag is the caller's choice and is kept
+    flagged = AutoModelForCausalLM.from_pretrained(tiny_dir, fp16=True)
+    flagged.save_pretrained(tmp_path / "fp16")
+    assert json.loads((tmp_path / "fp16" / "config.json").read_text())["fp16"] is True
+
+
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
+def test_dtype_auto_is_the_stored_dtype(tmp_path, key):
+    """``dtype="auto"`` means what it means in transformers: the checkpoint's own dtype
+    (its precision flag, config dtype or safetensors tensors), not float32."""
+    for stored, expected in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        ckpt = make_tiny(tmp_path / f"{key}-{stored}", "--dtype", stored, "--layers", "1")
+        assert AutoModelForCausalLM.from_pretrained(ckpt, **{key: "auto"}).dtype == expected
+
+
 def test_official_readme_kwargs(tiny_dir):
     """The official README passes pad_token_id (and precision flags) to from_pretrained."""
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, pad_token_id=151643, fp32=True)

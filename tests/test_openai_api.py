@@ -896,7 +896,7 @@ def test_text_tracker_stop_strings_and_partial_characters():
 def test_auto_dtype_is_the_stored_one(tmp_path):
     """--dtype auto on CPU loads what the checkpoint stores: its precision flag, else its
     config's dtype, else its safetensors tensors' dtype (float32 when nothing says half)."""
-    from qwen.serving.app import _stored_dtype
+    from qwen.modeling_qwen import stored_dtype as _stored_dtype
 
     for stored, expected in [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)]:
         ckpt = make_tiny(tmp_path / stored, "--dtype", stored, "--layers", "1")

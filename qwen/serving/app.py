@@ -19,7 +19,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -108,42 +107,6 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> API
 # --------------------------------------------------------------------------- loading
 
 
-_SAFETENSORS_HALF = {"BF16": "bfloat16", "F16": "float16"}
-
-
-def _stored_dtype(checkpoint: str) -> Any:
-    """The dtype a checkpoint's weights are stored in: its precision flag, else its config's
-    dtype, else the first tensor of its safetensors files; float32 if none says half."""
-    import struct
-
-    import torch
-    from transformers import AutoConfig
-    from transformers.utils import cached_file
-
-    import qwen  # noqa: F401  (registers the Qwen-1 classes)
-
-    config = AutoConfig.from_pretrained(checkpoint)
-    names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-    stored = names.get(getattr(config, "precision_flag", None) or "") or getattr(config, "dtype", None)
-    if stored is None:
-        found = None
-        index = cached_file(checkpoint, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
-        if index is not None:
-            shard = next(iter(json.loads(Path(index).read_text())["weight_map"].values()))
-            found = cached_file(checkpoint, shard, _raise_exceptions_for_missing_entries=False)
-        else:
-            found = cached_file(checkpoint, "model.safetensors", _raise_exceptions_for_missing_entries=False)
-        if found is not None:
-            with open(found, "rb") as f:
-                (size,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(size))
-            tags = [v["dtype"] for k, v in header.items() if k != "__metadata__"]
-            stored = _SAFETENSORS_HALF.get(tags[0]) if tags else None
-    if isinstance(stored, str):
-        stored = getattr(torch, stored, None)
-    return stored if stored in (torch.bfloat16, torch.float16) else torch.float32
-
-
 def load_engine(
     checkpoint: str,
     *,
@@ -176,12 +139,13 @@ def load_engine(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import qwen  # noqa: F401  (registers the Qwen-1 classes)
+    from qwen.modeling_qwen import stored_dtype
 
     use_cuda = torch.cuda.is_available() and not cpu_only
     device = "cuda" if use_cuda else "cpu"
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if dtype == "auto":
-        torch_dtype = None if use_cuda else _stored_dtype(checkpoint)
+        torch_dtype = None if use_cuda else stored_dtype(checkpoint)
     elif dtype in dtypes:
         torch_dtype = dtypes[dtype]
     else:
