@@ -574,7 +574,7 @@ def write_qwen2_weights(
     embedding as written (what ``config.json`` declares).
     """
     src, dst = Path(src), Path(dst)
-    cfg = _read_json(src / "config.json")
+    cfg = _read_config(src / "config.json")
     check_convertible(cfg)
     if isinstance(dtype, str):
         dtype = None if dtype == "auto" else _parse_dtype(dtype)
@@ -671,7 +671,7 @@ def convert_qwen2(
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
         raise ConversionError(f"{src} has no config.json; is it a checkpoint directory?")
-    cfg = _read_json(src / "config.json")
+    cfg = _read_config(src / "config.json")
     check_convertible(cfg)
     gen_path = src / "generation_config.json"
     if not gen_path.is_file():
@@ -765,6 +765,21 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConversionError(f"{path} not found") from None
+
+
+def _read_config(path: Path) -> dict:
+    """A Qwen-1 ``config.json`` with the first release's names (``n_embd``, ``n_head``,
+    ``padded_vocab_size``, ...) mapped onto the current ones, as the model loads it."""
+    from .configuration_qwen import QWenConfig
+
+    raw = _read_json(path)
+    if raw.get("model_type") not in (None, "qwen"):
+        return raw  # check_convertible says what is wrong
+    try:
+        config = QWenConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+    except (TypeError, ValueError) as error:
+        raise ConversionError(f"{path}: {error}") from None
+    return config.to_dict()
 
 
 def _write_json(path: Path, data: dict) -> None:

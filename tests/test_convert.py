@@ -345,6 +345,32 @@ def test_every_source_format_gives_the_same_export(tmp_path):
         torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=0, atol=1e-5)
 
 
+def test_first_release_config_names_convert(tmp_path, tiny_dir, export_base):
+    """A config.json with the first release's names (n_embd, n_head, ...), which the
+    model loads, converts too, to the same Qwen2 config and weights."""
+    src = tmp_path / "legacy"
+    shutil.copytree(tiny_dir, src)
+    raw = json.loads((src / "config.json").read_text())
+    renames = {
+        "hidden_size": "n_embd",
+        "num_attention_heads": "n_head",
+        "num_hidden_layers": "n_layer",
+        "intermediate_size": "ffn_hidden_size",
+        "max_position_embeddings": "n_positions",
+    }
+    legacy = {renames.get(k, k): v for k, v in raw.items()} | {"padded_vocab_size": raw["vocab_size"]}
+    del legacy["vocab_size"]
+    (src / "config.json").write_text(json.dumps(legacy))
+    dst = convert_qwen2(src, tmp_path / "out", progress=False, tokenizer=False)
+    expected = json.loads((export_base / "config.json").read_text())
+    got = json.loads((dst / "config.json").read_text())
+    assert got == expected
+    reference = safetensors_state(export_base)
+    converted = safetensors_state(dst)
+    assert converted.keys() == reference.keys()
+    assert all(torch.equal(converted[k], reference[k]) for k in reference)
+
+
 def test_sharded_output_and_dtype(tmp_path, tiny_dir, export_base):
     dst = convert_qwen2(tiny_dir, tmp_path / "sharded", max_shard_size="8MB", progress=False, tokenizer=False)
     index = json.loads((dst / "model.safetensors.index.json").read_text())
