@@ -42,6 +42,16 @@ PRECISION_FLAGS = ("bf16", "fp16", "fp32")
 _PARAMS_DTYPE = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
 
 
+def _flag(key: str, value) -> bool:
+    """A boolean config value: JSON true/false (or 0/1); anything else is an error rather
+    than Python truthiness (``"no"`` would be true)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"config key {key}={value!r} must be true or false")
+
+
 class QWenConfig(PretrainedConfig):
     """Configuration for :class:`qwen.QWenLMHeadModel`.
 
@@ -136,8 +146,8 @@ class QWenConfig(PretrainedConfig):
         self.hidden_size = int(given["hidden_size"])
         self.num_hidden_layers = int(given["num_hidden_layers"])
         self.num_attention_heads = int(given["num_attention_heads"])
-        if kv_channels is None:
-            kv_channels = self.hidden_size // self.num_attention_heads
+        if kv_channels is None:  # (a non-positive head count is reported by validate_qwen)
+            kv_channels = self.hidden_size // self.num_attention_heads if self.num_attention_heads > 0 else 0
         self.kv_channels = int(kv_channels)
         self.intermediate_size = int(given["intermediate_size"])
         self.seq_length = int(seq_length)
@@ -148,17 +158,17 @@ class QWenConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.emb_dropout_prob = float(given["emb_dropout_prob"])
         self.attn_dropout_prob = float(given["attn_dropout_prob"])
-        self.scale_attn_weights = bool(scale_attn_weights)
-        self.no_bias = bool(no_bias)
-        self.use_dynamic_ntk = bool(use_dynamic_ntk)
-        self.use_logn_attn = bool(use_logn_attn)
+        self.scale_attn_weights = _flag("scale_attn_weights", scale_attn_weights)
+        self.no_bias = _flag("no_bias", no_bias)
+        self.use_dynamic_ntk = _flag("use_dynamic_ntk", use_dynamic_ntk)
+        self.use_logn_attn = _flag("use_logn_attn", use_logn_attn)
         self.use_flash_attn = use_flash_attn
-        self.bf16 = bool(bf16)
-        self.fp16 = bool(fp16)
-        self.fp32 = bool(fp32)
-        self.softmax_in_fp32 = bool(softmax_in_fp32)
-        self.use_cache_quantization = bool(use_cache_quantization)
-        self.use_cache_kernel = bool(use_cache_kernel)
+        self.bf16 = _flag("bf16", bf16)
+        self.fp16 = _flag("fp16", fp16)
+        self.fp32 = _flag("fp32", fp32)
+        self.softmax_in_fp32 = _flag("softmax_in_fp32", softmax_in_fp32)
+        self.use_cache_quantization = _flag("use_cache_quantization", use_cache_quantization)
+        self.use_cache_kernel = _flag("use_cache_kernel", use_cache_kernel)
         self.onnx_safe = onnx_safe
         self.window_size = window_size
         self.use_cache = use_cache
@@ -198,6 +208,10 @@ class QWenConfig(PretrainedConfig):
             )
         if self.seq_length <= 0:
             raise ValueError(f"config key seq_length must be positive, got {self.seq_length}")
+        if not float(self.rotary_emb_base) > 0:
+            raise ValueError(f"config key rotary_emb_base must be positive, got {self.rotary_emb_base}")
+        if not self.layer_norm_epsilon >= 0:
+            raise ValueError(f"config key layer_norm_epsilon must not be negative, got {self.layer_norm_epsilon}")
         if self.use_flash_attn not in ("auto", True, False):
             raise ValueError(f"config key use_flash_attn={self.use_flash_attn!r} must be 'auto', true or false")
         self.layer_windows()  # validates window_size

@@ -48,6 +48,13 @@ _FLAG_OF_DTYPE = {v: k for k, v in _DTYPE_OF_FLAG.items()}
 # --------------------------------------------------------------------------- helpers
 
 
+def _as_requested(output, return_dict: bool | None, config: PretrainedConfig):
+    """``output`` as a tuple (its fields that are not None, in order) where ``return_dict``
+    (or, left out, ``config.return_dict``) is False, as transformers' models do."""
+    wanted = config.return_dict if return_dict is None else return_dict
+    return output if wanted else output.to_tuple()
+
+
 def _one_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
     """The cache passed under either name (``cache`` from transformers 5.24 on)."""
     if cache is None:
@@ -553,11 +560,12 @@ class QWenModel(QWenPreTrainedModel):
         hidden_states = self.ln_f(hidden_states)
         if all_hidden is not None:
             all_hidden.append(hidden_states)
-        return BaseModelOutputWithPast(
+        output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             **{CACHE_KWARG: past_key_values if use_cache else None},
         )
+        return _as_requested(output, return_dict, self.config)
 
 
 class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin, QWenChatMixin):
@@ -599,6 +607,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin, QWenChatMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
             **kwargs,
         )
         hidden = out.last_hidden_state
@@ -610,12 +619,13 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin, QWenChatMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
+        output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             hidden_states=out.hidden_states,
             **{CACHE_KWARG: getattr(out, CACHE_KWARG)},
         )
+        return _as_requested(output, return_dict, self.config)
 
     # ----------------------------------------------------------------- generation
 

@@ -81,6 +81,11 @@ def test_legacy_first_release_config(tmp_path, tiny_dir):
         ({"window_size": 0}, ["window_size"]),
         ({"n_embd": 128, "hidden_size": 64}, ["n_embd", "hidden_size"]),
         ({"activation": "gelu"}, ["activation"]),
+        ({"num_attention_heads": 0}, ["num_attention_heads", "positive"]),
+        ({"rotary_emb_base": -5}, ["rotary_emb_base"]),
+        ({"layer_norm_epsilon": -1}, ["layer_norm_epsilon"]),
+        ({"use_dynamic_ntk": "no"}, ["use_dynamic_ntk", "true or false"]),
+        ({"bf16": "yes"}, ["bf16", "true or false"]),
     ],
 )
 def test_inconsistent_config_raises_naming_keys(kwargs, words):

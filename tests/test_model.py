@@ -336,6 +336,26 @@ def test_loss_and_gradient_checkpointing(tiny_dir):
         assert torch.allclose(p.grad, grads[n], atol=1e-6), n
 
 
+@torch.no_grad()
+def test_return_dict_false_gives_tuples(tiny_dir):
+    """``return_dict=False`` (or ``config.return_dict = False``) returns the output's
+    fields that are set, in order, as transformers' own models do."""
+    m = load(tiny_dir).eval()
+    ids = rand_ids(2, 7)
+    full = m(ids, labels=ids)
+    loss, logits, cache = m(ids, labels=ids, return_dict=False)
+    assert torch.equal(loss, full.loss) and torch.equal(logits, full.logits)
+    assert cache.get_seq_length() == 7
+    hidden, _ = m.transformer(ids, return_dict=False)
+    assert torch.equal(hidden, m.transformer(ids).last_hidden_state)
+    m.config.return_dict = False
+    try:
+        assert isinstance(m(ids, use_cache=False), tuple)
+        assert isinstance(m(ids, use_cache=False, return_dict=True).logits, torch.Tensor)
+    finally:
+        m.config.return_dict = True
+
+
 def test_torch_compile_runs(model):
     ids = rand_ids(1, 6)
     compiled = torch.compile(model.forward, backend="eager")
