@@ -433,8 +433,70 @@ class QWenPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """``PreTrainedModel.from_pretrained`` with the official precision flags.
+
+        ``bf16=True``, ``fp16=True`` or ``fp32=True`` (or the same keys in
+        ``config.json``) select the dtype; with none set, bf16 is used where CUDA supports
+        it, else fp16 on CUDA, else fp32. ``dtype=``/``torch_dtype=`` also work. The
+        config's ``use_flash_attn`` chooses flash-attention-2 when it can run, SDPA
+        otherwise. Missing or unexpected weights raise ``ValueError``.
+        """
+        flags = {f: kwargs.pop(f) for f in PRECISION_FLAGS if f in kwargs}
+        want_info = kwargs.pop("output_loading_info", False)
+        dtype = kwargs.pop("dtype", None)
+        legacy_dtype = kwargs.pop("torch_dtype", None)
+        dtype = dtype if dtype is not None else legacy_dtype
+        config = kwargs.pop("config", None)
+        if not isinstance(config, PretrainedConfig):  # a path, or None
+            hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+            config, kwargs = QWenConfig.from_pretrained(
+                config or pretrained_model_name_or_path, return_unused_kwargs=True, **kwargs
+            )
+            kwargs.update(hub)
+        for flag, value in flags.items():
+            setattr(config, flag, bool(value))
+        config.validate_qwen()
+
+        if isinstance(dtype, str) and dtype == "auto":  # as in transformers: the stored dtype
+            dtype = None if config.precision_flag else stored_dtype(pretrained_model_name_or_path, config)
+        dtype = _resolve_dtype(config, dtype, explicit_flags=any(flags.values()))
+        if "attn_implementation" not in kwargs and config._attn_implementation_internal is None:
+            kwargs["attn_implementation"] = _choose_attention(config, dtype, kwargs.get("device_map"))
+
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path,
+            *model_args,
+            config=config,
+            dtype=dtype,
+            output_loading_info=True,
+            **kwargs,
+        )
+        if getattr(config, "quantization_config", None) is None:
+            problems = []
+            for key, what in (
+                ("missing_keys", "missing"),
+                ("unexpected_keys", "unexpected"),
+                ("mismatched_keys", "shape-mismatched"),
+            ):
+                names = sorted(str(k) for k in info.get(key) or ())
+                if names:
+                    shown = ", ".join(names[:10]) + (f" ... ({len(names)} in all)" if len(names) > 10 else "")
+                    problems.append(f"{what} weights: {shown}")
+            if problems:
+                raise ValueError(
+                    f"checkpoint {pretrained_model_name_or_path!s} does not match the Qwen-1 layout "
+                    f"({'; '.join(problems)}); refusing to run on randomly initialised weights"
+                )
+        map_cpu_weights(model)
+        return (model, info) if want_info else model
+
 
 class QWenModel(QWenPreTrainedModel):
+    # loaded from a QWenLMHeadModel checkpoint (AutoModel), its output layer is not ours
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+
     def __init__(self, config: QWenConfig):
         super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -646,67 +708,6 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin, QWenChatMixin):
         return super().generate(
             inputs, generation_config=generation_config, stopping_criteria=stopping_criteria, **kwargs
         )
-
-    # ----------------------------------------------------------------- loading
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """``PreTrainedModel.from_pretrained`` with the official precision flags.
-
-        ``bf16=True``, ``fp16=True`` or ``fp32=True`` (or the same keys in
-        ``config.json``) select the dtype; with none set, bf16 is used where CUDA supports
-        it, else fp16 on CUDA, else fp32. ``dtype=``/``torch_dtype=`` also work. The
-        config's ``use_flash_attn`` chooses flash-attention-2 when it can run, SDPA
-        otherwise. Missing or unexpected weights raise ``ValueError``.
-        """
-        flags = {f: kwargs.pop(f) for f in PRECISION_FLAGS if f in kwargs}
-        want_info = kwargs.pop("output_loading_info", False)
-        dtype = kwargs.pop("dtype", None)
-        legacy_dtype = kwargs.pop("torch_dtype", None)
-        dtype = dtype if dtype is not None else legacy_dtype
-        config = kwargs.pop("config", None)
-        if not isinstance(config, PretrainedConfig):  # a path, or None
-            hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-            config, kwargs = QWenConfig.from_pretrained(
-                config or pretrained_model_name_or_path, return_unused_kwargs=True, **kwargs
-            )
-            kwargs.update(hub)
-        for flag, value in flags.items():
-            setattr(config, flag, bool(value))
-        config.validate_qwen()
-
-        if isinstance(dtype, str) and dtype == "auto":  # as in transformers: the stored dtype
-            dtype = None if config.precision_flag else stored_dtype(pretrained_model_name_or_path, config)
-        dtype = _resolve_dtype(config, dtype, explicit_flags=any(flags.values()))
-        if "attn_implementation" not in kwargs and config._attn_implementation_internal is None:
-            kwargs["attn_implementation"] = _choose_attention(config, dtype, kwargs.get("device_map"))
-
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path,
-            *model_args,
-            config=config,
-            dtype=dtype,
-            output_loading_info=True,
-            **kwargs,
-        )
-        if getattr(config, "quantization_config", None) is None:
-            problems = []
-            for key, what in (
-                ("missing_keys", "missing"),
-                ("unexpected_keys", "unexpected"),
-                ("mismatched_keys", "shape-mismatched"),
-            ):
-                names = sorted(str(k) for k in info.get(key) or ())
-                if names:
-                    shown = ", ".join(names[:10]) + (f" ... ({len(names)} in all)" if len(names) > 10 else "")
-                    problems.append(f"{what} weights: {shown}")
-            if problems:
-                raise ValueError(
-                    f"checkpoint {pretrained_model_name_or_path!s} does not match the Qwen-1 layout "
-                    f"({'; '.join(problems)}); refusing to run on randomly initialised weights"
-                )
-        map_cpu_weights(model)
-        return (model, info) if want_info else model
 
 
 def map_cpu_weights(model: nn.Module) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import REPO, make_tiny
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 import qwen
 from qwen.configuration_qwen import QWenConfig
@@ -250,6 +250,13 @@ def test_missing_weights_fail_loudly(tmp_path, tiny_dir):
         AutoModelForCausalLM.from_pretrained(ckpt)
     assert "transformer.h.1.mlp.w1.weight" in str(err.value)
     assert "transformer.h.0.attn.rotary.extra" in str(err.value)
+    # the base model (AutoModel) checks as strictly, and takes the precision flags
+    with pytest.raises(ValueError, match=r"h\.1\.mlp\.w1\.weight"):
+        AutoModel.from_pretrained(ckpt)
+    base = AutoModel.from_pretrained(tiny_dir, fp16=True)  # lm_head.weight is expected there
+    assert type(base) is qwen.QWenModel and base.dtype == torch.float16
+    full = AutoModelForCausalLM.from_pretrained(tiny_dir, fp16=True)
+    assert torch.equal(base.h[1].mlp.w1.weight, full.transformer.h[1].mlp.w1.weight)
 
 
 def test_tied_embeddings(tmp_path):
