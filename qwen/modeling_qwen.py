@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import struct
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -72,6 +71,23 @@ def ntk_alpha(length: torch.Tensor, seq_length: int) -> torch.Tensor:
     ratio = length.to(torch.float64) / seq_length
     alpha = torch.exp2(torch.ceil(torch.log2(ratio) + 1)) - 1
     return alpha.clamp(min=1.0)
+
+
+# Dynamic-NTK alpha of each row of a cache, fixed when its sequence started (the cached
+# keys were rotated with it): an attribute of the cache object, so that copies of a
+# cache (copy.deepcopy of a prompt cache) keep it.
+_NTK_ALPHA_ATTR = "qwen_ntk_alpha"
+
+
+def ntk_alpha_of(cache: Cache) -> torch.Tensor | None:
+    """The per-row dynamic-NTK alpha (B,) the model fixed for ``cache``, or None."""
+    return getattr(cache, _NTK_ALPHA_ATTR, None)
+
+
+def set_ntk_alpha(cache: Cache, alpha: torch.Tensor) -> None:
+    """Fix the per-row dynamic-NTK alpha (B,) of ``cache`` (for caches built by hand,
+    say by joining rows of other caches)."""
+    setattr(cache, _NTK_ALPHA_ATTR, alpha)
 
 
 def logn_scale(position_ids: torch.Tensor, seq_length: int) -> torch.Tensor:
@@ -505,9 +521,6 @@ class QWenModel(QWenPreTrainedModel):
         self.ln_f = QWenRMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.rotary_emb = QWenRotaryEmbedding(config)
         self.gradient_checkpointing = False
-        # Dynamic-NTK alpha of each cached sequence, fixed when the sequence starts
-        # (its cached keys were rotated with it). Keyed by the cache object itself.
-        self._ntk_alphas: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -537,14 +550,14 @@ class QWenModel(QWenPreTrainedModel):
             length = position_ids.max(dim=-1).values + 1
             alpha = ntk_alpha(length, self.config.seq_length).expand(bsz).clone()
             if past_key_values is not None:
-                self._ntk_alphas[past_key_values] = alpha
+                set_ntk_alpha(past_key_values, alpha)
             return alpha
-        alpha = self._ntk_alphas.get(past_key_values)
+        alpha = ntk_alpha_of(past_key_values)
         if alpha is None or alpha.shape[0] != bsz:
             # A cache filled elsewhere (or reshaped): fall back to the current length.
             length = position_ids.max(dim=-1).values + 1
             alpha = ntk_alpha(length, self.config.seq_length).expand(bsz).clone()
-            self._ntk_alphas[past_key_values] = alpha
+            set_ntk_alpha(past_key_values, alpha)
         return alpha
 
     def _masks(self, inputs_embeds, attention_mask, past_key_values, position_ids) -> dict:

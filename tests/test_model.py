@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -210,6 +211,12 @@ def test_ntk_alpha_stays_fixed_while_decoding(model, tiny_dir):
     logits = [model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(60, 70)]
     ref = naive_forward(tiny_dir, ids[0].tolist(), use_dynamic_ntk=False, use_logn_attn=True)
     assert (torch.cat(logits, 1)[0] - ref[60:]).abs().max().item() < ATOL
+    # a copy of a prompt cache (transformers' way of reusing one) keeps the alpha too;
+    # (without it, a 10-token chunk reaching 70 > 64 positions would pick alpha 3)
+    cache = DynamicCache(config=model.config)
+    model(ids[:, :60], past_key_values=cache, use_cache=True)
+    chunk = model(ids[:, 60:], past_key_values=copy.deepcopy(cache), use_cache=True).logits
+    assert (chunk[0] - ref[60:]).abs().max().item() < ATOL
 
 
 @torch.no_grad()

@@ -20,8 +20,8 @@ masked cache entries get zero attention weight. Rows are inserted by left-paddin
 two caches to the same length and concatenating them along the batch axis, and
 evicted by selecting the remaining rows (columns that became padding in every row are
 trimmed). The model fixes each sequence's dynamic-NTK ``alpha`` when the sequence
-starts, keyed by its cache object; the engine keeps one alpha per row and hands the
-current vector to the model for the batched cache.
+starts and keeps it on the cache object; the engine keeps one alpha per row and sets
+the current vector on the batched cache.
 
 Each row samples with its own ``LogitsProcessorList`` (repetition penalty,
 presence/frequency penalties, temperature, top-k, top-p) and its own
@@ -54,6 +54,8 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from qwen.modeling_qwen import ntk_alpha_of, set_ntk_alpha
 
 logger = logging.getLogger(__name__)
 
@@ -436,7 +438,6 @@ class Engine:
         self.max_prefill_tokens = int(max_prefill_tokens)
         self.device = model.device
         self.pad_id = int(getattr(tokenizer, "eod_id", None) or getattr(config, "pad_token_id", None) or 0)
-        self._transformer = getattr(model, "transformer", None)
 
         self._cond = threading.Condition()
         self._waiting: collections.deque[RequestHandle] = collections.deque()
@@ -794,17 +795,13 @@ class Engine:
 
     def _cache_alphas(self, cache: DynamicCache) -> torch.Tensor | None:
         """The per-row dynamic-NTK alphas the model fixed for a freshly prefilled cache."""
-        alphas = getattr(self._transformer, "_ntk_alphas", None)
-        if alphas is None:
-            return None
-        value = alphas.get(cache)
+        value = ntk_alpha_of(cache)
         return None if value is None else value.clone()
 
     def _publish_alphas(self) -> None:
-        """Tell the model the alpha of every row of the batched cache (it keys them by cache)."""
-        alphas = getattr(self._transformer, "_ntk_alphas", None)
-        if alphas is not None and self._alphas is not None:
-            alphas[self._cache] = self._alphas
+        """Tell the model the alpha of every row of the batched cache."""
+        if self._alphas is not None:
+            set_ntk_alpha(self._cache, self._alphas)
 
     def _fail_all(self, group: list[RequestHandle], error: BaseException) -> None:
         message = f"generation failed: {type(error).__name__}: {error}"
