@@ -567,6 +567,30 @@ def test_tool_choice_none_is_plain_chat(client, tok):
     assert "".join(pieces) == "one two three four five" and len(pieces) > 1
 
 
+def test_continued_final_answer_streams(client):
+    """A conversation ending with an assistant message, with tools: the model continues
+    that message's final answer, which streams as it is generated (the markers are in
+    the prompt, not in the generated text) and equals the non-streamed reply."""
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "It is"},
+    ]
+    forced = " sunny and warm in Paris today"
+    for kwargs in ({"tools": TOOLS}, {"tools": TOOLS, "tool_choice": "none"}, {}):
+        whole = client.chat.completions.create(
+            model="m", messages=messages, extra_body={"forced_output": forced}, **kwargs
+        )
+        assert whole.choices[0].message.content == forced.strip() and not whole.choices[0].message.tool_calls
+        chunks = list(
+            client.chat.completions.create(
+                model="m", messages=messages, stream=True, extra_body={"forced_output": forced}, **kwargs
+            )
+        )
+        pieces = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+        assert "".join(pieces) == forced.strip() and len(pieces) > 1, kwargs
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 def test_calls_carry_the_declared_name_not_name_for_model(client):
     """The original ``name_for_model`` is what the model is told and writes after
     ``Action:``; the reply names the function as the client declared it."""

@@ -41,7 +41,9 @@ from qwen.serving.function_call import (
     PromptError,
     ReactStream,
     build_chat_prompt,
+    continues_final_answer,
     function_names,
+    in_react_turn,
     parse_react,
     select_functions,
 )
@@ -588,11 +590,14 @@ class _Server:
             [(ids, self._params(body, max_tokens, stop, True, i, forced)) for i in range(body.n)], request_id
         )
         names = function_names(functions) if functions else None
-        if style and not functions:
+        if style and continues_final_answer(prompt.prefill):
+            # continuing an assistant message that is a final answer: plain text, streamed
+            style, names = None, None
+        elif style and not functions:
             # tool_choice / function_call "none": the model may not call anything. A plain
             # reply streams as it comes; one continuing a ReAct turn of the history is
             # still parsed for its final answer, with no name accepted as a call.
-            style, names = (style, {}) if prompt.prefill else (None, None)
+            style, names = (style, {}) if in_react_turn(prompt.prefill) else (None, None)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = self._chat_events(pending, request_id, body.n, style, names, len(ids), include_usage, info)

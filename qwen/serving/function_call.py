@@ -337,6 +337,32 @@ def build_chat_prompt(
 # --------------------------------------------------------------------------- replies
 
 
+def _last_markers(prefill: str) -> dict[str, int]:
+    found = {m: _last_marker(prefill, m) for m in ("Thought:", "Final Answer:", "Action:", OBSERVATION)}
+    return {m: at for m, at in found.items() if at >= 0}
+
+
+def in_react_turn(prefill: str) -> bool:
+    """Whether a prefilled assistant turn (:attr:`ChatPrompt.prefill`) is a ReAct turn
+    (thoughts, actions, observations) that the model continues."""
+    return bool(_last_markers(prefill))
+
+
+def continues_final_answer(prefill: str) -> bool:
+    """Whether a prefilled assistant turn ends inside a final answer: its last ReAct
+    marker is ``Final Answer:``, so what the model adds is answer text, not a ReAct
+    reply to parse."""
+    last = _last_markers(prefill)
+    return bool(last) and max(last, key=last.get) == "Final Answer:"
+
+
+def _last_marker(text: str, marker: str) -> int:
+    found, at = -1, _marker(text, marker)
+    while at >= 0:
+        found, at = at, _marker(text, marker, at + 1)
+    return found
+
+
 def _marker(text: str, marker: str, start: int = 0) -> int:
     """Index of ``marker`` at the start of a line of ``text`` (from ``start``), or -1."""
     match = re.compile(r"(?:^|\n)" + re.escape(marker)).search(text, start)
