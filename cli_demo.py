@@ -236,7 +236,27 @@ def check_setting(config, key: str, value: Any) -> Any:
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise ConfError(f"unknown generation setting {key!r}{hint}; :conf lists the current ones")
     if value is None:
-        return None  # unset: transformers' default applies
+        # generate() fills a None setting from the checkpoint's generation config, so
+        # "unset" is written out as transformers' own default value.
+        if key == "stop_words_ids":
+            return []
+        default = _transformers_defaults().get(key)
+        if default is None and getattr(config, key, None) is not None:
+            raise ConfError(
+                f"{key} has no transformers default to return to: give a value "
+                "(:reset-conf restores the checkpoint's settings)"
+            )
+        return default
+    if key == "stop_words_ids":
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(words, (list, tuple))
+            and words
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in words)
+            for words in value
+        )
+        if not ok:
+            raise ConfError(f"stop_words_ids must be a list of token-id lists, e.g. [[151643], [3, 4]]; got {value!r}")
+        return [list(words) for words in value]
     kind = SETTING_TYPES.get(key)
     is_int = isinstance(value, int) and not isinstance(value, bool)
     if kind == _INT and not is_int:
@@ -250,6 +270,15 @@ def check_setting(config, key: str, value: Any) -> Any:
         if not accept(value):
             raise ConfError(f"{key} must be {wanted}, got {value!r}")
     return float(value) if kind == _FLOAT else value
+
+
+def _transformers_defaults() -> dict:
+    """transformers' own default of each generate() setting it has one for
+    (``temperature`` 1.0, ``top_k`` 50, ``top_p`` 1.0, ...)."""
+    from transformers import GenerationConfig
+
+    read = getattr(GenerationConfig(), "_get_default_generation_params", None)
+    return dict(read()) if read is not None else {}
 
 
 def split_assignments(text: str) -> list[str]:
@@ -281,7 +310,7 @@ def format_config(config) -> str:
     settings.pop("transformers_version", None)
     lines = ["Generation config (:conf key=value changes it, :reset-conf restores the checkpoint's):"]
     lines += [f"  {key} = {value!r}" for key, value in sorted(settings.items())]
-    lines.append("Unset keys take transformers' defaults (temperature=1.0, top_k=50, top_p=1.0, ...).")
+    lines.append("key=none sets transformers' default (temperature=1.0, top_k=50, top_p=1.0, ...).")
     return "\n".join(lines)
 
 
