@@ -692,6 +692,9 @@ def convert_qwen2(
             seq_length,
             seq_length,
         )
+    if max_position is not None and max_position < 1:
+        raise ConversionError(f"--max-position must be at least 1, got {max_position}")
+    qwen2_config_dict(cfg, max_position, rope_scaling=rope_scaling, chat=chat)  # its errors, before writing
     _prepare_destination(src, dst, force)
     written_dtype = write_qwen2_weights(src, dst, dtype=dtype, max_shard_size=max_shard_size, progress=progress)
     config = qwen2_config_dict(cfg, max_position, rope_scaling=rope_scaling, dtype=written_dtype, chat=chat)

@@ -490,6 +490,23 @@ def test_refuses_incomplete_or_foreign_weights(tmp_path, tiny_dir):
         convert_qwen2(copy_config_only(tiny_dir, tmp_path / "empty"), tmp_path / "out3", progress=False)
 
 
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ({"rope_scaling": "yarn"}, "needs --max-position above seq_length"),
+        ({"max_position": -5}, "at least 1"),
+        ({"max_position": 0}, "at least 1"),
+    ],
+)
+def test_bad_options_fail_before_writing(tmp_path, tiny_dir, options, words):
+    """Option errors come before anything is written, so a corrected rerun needs no
+    --force."""
+    dst = tmp_path / "out"
+    with pytest.raises(ConversionError, match=words):
+        convert_qwen2(tiny_dir, dst, progress=False, tokenizer=False, **options)
+    assert not dst.exists() or not any(dst.iterdir())
+
+
 def test_help_describes_the_command(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["convert-qwen2", "--help"])
