@@ -15,6 +15,7 @@ import ast
 import copy
 import difflib
 import gc
+import json
 import os
 import re
 import shutil
@@ -158,6 +159,13 @@ def _hub_error(name: str, error: BaseException) -> CheckpointError:
     )
 
 
+def _local_model_type(checkpoint: str) -> str | None:
+    try:
+        return json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_chat_generation_config(checkpoint: str, is_local: bool):
     """The checkpoint's generation config; raises CheckpointError unless it is a chat (ChatML) one."""
     from transformers import GenerationConfig
@@ -174,6 +182,13 @@ def load_chat_generation_config(checkpoint: str, is_local: bool):
             raise CheckpointError(f"cannot read the generation config of {checkpoint}: {_first_line(error)}") from error
         raise _hub_error(checkpoint, error) from error
     chat_format = getattr(config, "chat_format", None)
+    model_type = _local_model_type(checkpoint) if is_local else None
+    if chat_format != "chatml" and model_type == "qwen2":
+        raise CheckpointError(
+            f"{checkpoint} is a Qwen2-layout export (convert-qwen2), which this demo does not run: it is "
+            "for engines that speak Qwen2 (vLLM, llama.cpp, ...) or transformers' apply_chat_template; "
+            "point the demo at the Qwen-1 checkpoint it was exported from"
+        )
     if chat_format != "chatml":
         raise CheckpointError(
             f"{checkpoint} is not a chat model: its generation config has chat_format={chat_format!r}, not 'chatml' "
@@ -345,6 +360,10 @@ def read_message() -> str:
     while True:
         try:
             line = input(prompt)
+            # stdin decodes with errors="surrogateescape" (main): invalid bytes arrive as
+            # lone surrogates.
+            if any("\udc80" <= ch <= "\udcff" for ch in line):
+                raise UnicodeDecodeError("utf-8", b"", 0, 1, "undecodable bytes")
         except UnicodeDecodeError:
             print("[ERROR] the input is not valid text in the terminal's encoding; type it again")
             lines, prompt = [], PROMPT
@@ -520,6 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):  # answers hold any character; never crash on a narrow console
             stream.reconfigure(errors="replace")
+    if hasattr(sys.stdin, "reconfigure"):
+        # Bad bytes become lone surrogates, refused line by line (read_message), instead of
+        # a decoding error that would discard every line read ahead with them.
+        sys.stdin.reconfigure(errors="surrogateescape")
     try:
         checkpoint, is_local = resolve_checkpoint(args.checkpoint_path)
         generation_config = load_chat_generation_config(checkpoint, is_local)

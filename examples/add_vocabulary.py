@@ -7,7 +7,7 @@ also exists; the file therefore holds the merges learned on top of the current
 vocabulary (most frequent adjacent pair first), numbered from 151851, the first id
 after the 208 special tokens::
 
-    python examples/add_vocabulary.py build --word 通义千问 --word Qwen-Agent \\
+    python examples/add_vocabulary.py build --word 通义千问 --word QwenAgent \\
         --words my_words.tsv --output qwen_extra.tiktoken
 
 ``my_words.tsv`` has one ``word<TAB>frequency`` per line (the frequency only decides
@@ -126,10 +126,12 @@ def read_words(paths: Iterable[str], words: Iterable[str], space_variant: bool =
     """Collect ``word -> frequency`` from TSV files and single words."""
     result: collections.Counter[str] = collections.Counter()
     for path in paths:
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
+        for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
             word, _, freq = line.rstrip("\n").partition("\t")
+            if freq.strip() and not freq.strip().isdigit():
+                raise ValueError(f"{path}:{number}: frequency {freq.strip()!r} is not a whole number (word<TAB>count)")
             result[word] += int(freq) if freq.strip() else 1
     for word in words:
         result[word] += 1
@@ -233,7 +235,10 @@ def main(argv: list[str] | None = None) -> None:
         if vocab is None:
             parser.error("no --vocab given and dashscope is not installed")
         ranks = load_tiktoken_ranks(vocab)
-        words = read_words(args.words, args.word, space_variant=not args.no_space_variant)
+        try:
+            words = read_words(args.words, args.word, space_variant=not args.no_space_variant)
+        except (OSError, ValueError) as error:
+            parser.error(str(error))
         new_tokens = learn_extra_vocab(words, ranks, start_id=args.start_id)
         dump_tiktoken_ranks(new_tokens, args.output)
         for token, index in new_tokens.items():

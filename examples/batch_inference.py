@@ -35,7 +35,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--system", default="You are a helpful assistant.", help="system prompt")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the checkpoint's generation config")
     parser.add_argument(
-        "--greedy", action="store_true", help="greedy decoding, so the batch and the one-by-one answers must agree"
+        "--greedy",
+        action="store_true",
+        help="greedy decoding, so the batch and the one-by-one answers must agree (for plain queries: the "
+        "README's batch recipe tokenizes the whole prompt text, so a query with special-token text or a "
+        "leading newline is encoded differently from chat())",
     )
     parser.add_argument("--device-map", default="auto", help='where to load the model ("auto", "cpu", "cuda:0", ...)')
     return parser.parse_args()

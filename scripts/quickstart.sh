@@ -4,7 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet --upgrade pip
-python -m pip install --quiet "torch==2.13.0"   # CPU build; on a GPU machine install your CUDA build instead
+# torch first (kept if already installed): a local CPU wheel where this is tested; from PyPI
+# on Linux the CUDA build. For CPU only elsewhere, first install it with
+# --index-url https://download.pytorch.org/whl/cpu.
+python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet -e ".[vocab]"
 ckpt="${1:-}"
 if [ -z "$ckpt" ]; then

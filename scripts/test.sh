@@ -3,7 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet --upgrade pip
-# The CPU build of torch first: a bare `torch` requirement would pull a CUDA build.
+# torch pinned first, so that the package's bare `torch` requirement is already met
+# (where this is tested the pin resolves to a local CPU wheel; see README.md).
 python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet -e ".[test]"
 ruff check .

@@ -143,9 +143,17 @@ def test_help():
     assert "Qwen/Qwen-7B-Chat" in result.stdout  # the default checkpoint
 
 
-@pytest.mark.parametrize("case", ["missing path", "base model", "hub name offline"])
-def test_checkpoint_errors_are_one_line(case, base_dir, tmp_path):
-    if case == "missing path":
+@pytest.mark.parametrize("case", ["missing path", "base model", "qwen2 export", "hub name offline"])
+def test_checkpoint_errors_are_one_line(case, base_dir, tiny_chat_dir, tmp_path):
+    if case == "qwen2 export":  # what convert-qwen2 writes: config.json model_type qwen2, no chat_format
+        export = tmp_path / "export"
+        export.mkdir()
+        config = json.loads((tiny_chat_dir / "config.json").read_text()) | {"model_type": "qwen2"}
+        (export / "config.json").write_text(json.dumps(config))
+        (export / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643]}))
+        result = run_script("-c", str(export))
+        expected = "Qwen2-layout export"
+    elif case == "missing path":
         result = run_script("-c", str(tmp_path / "no-such-checkpoint"))
         expected = "does not exist"
     elif case == "base model":
@@ -284,3 +292,22 @@ def test_conf_none_and_stop_words(tiny_chat_dir):
     for bad in ("5", '"abc"', "[[]]", "[[-1]]", "[1, 2]"):
         with pytest.raises(demo.ConfError, match="list of token-id lists"):
             demo.updated_config(config, f"stop_words_ids={bad}")
+
+
+def test_undecodable_input_is_refused_not_sent(tiny_chat_dir):
+    """Bytes that are not UTF-8 (piped in, or a terminal in another encoding) get the
+    "type it again" message; they are neither answered nor kept in the history, and the
+    lines around them still work."""
+    piped = b":conf max_new_tokens=2\n\xff\xfehello\n:his\n:q\n"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "-c", str(tiny_chat_dir), "--cpu-only"],
+        cwd=REPO,
+        env=env(PYTHONIOENCODING="utf-8"),
+        input=piped,
+        capture_output=True,
+        timeout=LOAD_TIMEOUT,
+    )
+    out = result.stdout.decode("utf-8", errors="replace")
+    assert result.returncode == 0, out + result.stderr.decode(errors="replace")
+    assert "max_new_tokens = 2" in out and "not valid text" in out
+    assert "History (0 turns)" in out and "hello" not in out
