@@ -271,6 +271,14 @@ def test_chat_stops_at_im_end_and_decodes_split_characters(model, tokenizer, ran
     assert items[-1] == text
     assert not any("\ufffd" in item for item in items)
     assert items == ["你", "你好", "你好😀", "你好😀!"]
+    # extra stop words from the generation config end the answer there too (cli_demo's
+    # :conf stop_words_ids relies on it); as in the official code the stop word stays
+    config = copy.deepcopy(model.generation_config)
+    config.stop_words_ids = [byte_tokens[3:6]]  # the three bytes of 好
+    response, _ = model.chat(
+        tokenizer, "q", logits_processor=forced, generation_config=config, do_sample=False, max_new_tokens=50
+    )
+    assert response == "你好"
 
 
 def test_max_window_size_comes_from_the_generation_config(model, tokenizer, enc):

@@ -246,6 +246,9 @@ def test_chat_session(sessions, tokenizer):
     ask(child, "second line")
     history = command(child, ":his")
     assert "History (2 turns)" in history and "User[1]: first line \r\nsecond line\r\n" in history
+    # "::" sends a message that starts with a colon (not a command)
+    ask(child, "::conf x")
+    assert "User[2]: :conf x\r\n" in command(child, ":his")
     assert ":reset-conf" in command(child, ":h")
 
     child.sendline(":q")

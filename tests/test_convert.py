@@ -408,6 +408,9 @@ def test_rope_scaling_entries_load(tmp_path, tiny_dir, scaling):
         assert config.max_position_embeddings == 64
     assert qwen2_config_dict(cfg)["max_position_embeddings"] == 64
     assert "rope_scaling" not in qwen2_config_dict(cfg, 256)
+    # a config without layer_norm_epsilon gets Qwen-1's default, not Qwen2's
+    without = {k: v for k, v in cfg.items() if k != "layer_norm_epsilon"}
+    assert qwen2_config_dict(without)["rms_norm_eps"] == 1e-6
 
 
 def test_dynamic_scaling_is_exact_within_seq_length(tmp_path, tiny_dir, export_base):

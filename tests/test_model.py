@@ -128,9 +128,11 @@ def test_dynamic_ntk_beyond_seq_length_equals_qwen2_with_scaled_base(tiny_dir):
 @pytest.mark.parametrize("ntk,logn", [(True, True), (False, True), (True, False)])
 def test_beyond_seq_length_equals_official_formulas(tiny_dir, ntk, logn):
     m = load(tiny_dir, use_dynamic_ntk=ntk, use_logn_attn=logn)
-    ids = rand_ids(1, 150)
-    ref = naive_forward(tiny_dir, ids[0].tolist(), ntk, logn)
-    assert (m(ids).logits[0] - ref).abs().max().item() < ATOL
+    # 150 tokens, and 65: one past seq_length (64), where alpha first changes
+    for length in (150, 65):
+        ids = rand_ids(1, length)
+        ref = naive_forward(tiny_dir, ids[0].tolist(), ntk, logn)
+        assert (m(ids).logits[0] - ref).abs().max().item() < ATOL, length
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ sampled tokens are replaced by the tokens of a given text.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -420,6 +421,21 @@ def test_build_chat_prompt_tool_round_trip():
         [{"name": "f"}],
     )
     assert legacy.prefill == "Thought: \nAction: f\nAction Input: {}\nObservation: ok\nThought:"
+    # several tool calls in one assistant message: consecutive actions, each with its result
+    calls = [{"function": {"name": "f", "arguments": {"i": i}}} for i in (1, 2)]
+    parallel = build_chat_prompt(
+        [
+            messages[0],
+            {"role": "assistant", "content": None, "tool_calls": calls},
+            {"role": "tool", "content": "r1"},
+            {"role": "tool", "content": "r2"},
+        ],
+        [{"name": "f"}],
+    )
+    assert parallel.prefill == (
+        'Thought: \nAction: f\nAction Input: {"i": 1}\nObservation: r1\n'
+        'Action: f\nAction Input: {"i": 2}\nObservation: r2\nThought:'
+    )
 
 
 @pytest.mark.parametrize(
@@ -431,6 +447,7 @@ def test_build_chat_prompt_tool_round_trip():
         ("Thought: I now know the final answer\nFinal Answer: Sunny.", ("Sunny.", None, None)),
         ("Final Answer: A\nAction: get_weather\nAction Input: {}", ("A\nAction: get_weather\nAction Input: {}", None, None)),
         ("just text", ("just text", None, None)),
+        ("Thought: no Action: here\nFinal Answer: ok", ("ok", None, None)),  # markers start a line
         # malformed calls degrade to the whole text as content
         ("Thought: x\nAction: nope\nAction Input: {}", ("Thought: x\nAction: nope\nAction Input: {}", None, None)),
         ("Thought: x\nAction: get_weather\nAction Input: {oops", ("Thought: x\nAction: get_weather\nAction Input: {oops", None, None)),
@@ -451,6 +468,12 @@ def test_react_stream_matches_parse():
         assert reply == parse_react(text, {"get_weather"})
         if not reply.is_call:
             assert shown + rest == reply.content
+    # a "final answer" after an action is part of the call, never streamed
+    text = "Thought: x\nAction: get_weather\nAction Input: {}\nFinal Answer: y"
+    stream = ReactStream({"get_weather"})
+    shown = "".join(stream.feed(text[i : i + 3]) for i in range(0, len(text), 3))
+    rest, reply = stream.finish()
+    assert reply.is_call and shown == "" and rest == reply.content == "x"  # the thought, sent with the call
     stream = ReactStream(None)
     assert stream.feed("Thought: a\nFinal Answer: Hel") == "Hel"  # a final answer streams before the end
 
@@ -905,6 +928,9 @@ def test_text_tracker_stop_strings_and_partial_characters():
     assert tracker.push(1) == ("Hel", False)
     assert tracker.push(2) == ("l", False)  # "lo wo" may start the stop string: held back
     assert tracker.push(3) == ("", True) and tracker.text == "Hell"
+    # of several stop strings, the one that starts first cuts the text
+    tracker = TextTracker(lambda ids: "Hello world", stop=["world", "lo"])
+    assert tracker.push(1) == ("Hel", True)
     # trailing U+FFFD (a character still incomplete) is held back until the end
     utf8 = bytes([0xE4, 0xBD, 0xA0])  # 你
 
@@ -979,3 +1005,43 @@ def test_bad_limits_fail_before_loading(flags):
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 2
     assert f"{flags[0]} must be at least" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ignore_eos_and_stopped_engine(tiny_chat_dir, model, tok):
+    """``ignore_eos`` runs past the end token to ``max_tokens``; without it the end token
+    stops the row. A request to a server whose engine is not running is a 503 in
+    OpenAI's shape, and the server keeps answering."""
+    from fastapi.testclient import TestClient
+
+    from qwen.serving.app import create_app
+
+    engine = Engine(model, tok, max_batch_size=2).start()
+    try:
+        ids = tok.encode("Hello")
+        forced = dict(max_tokens=5, forced_token_ids=tok.encode("hi"), stop_token_ids=[IM_END], temperature=0)
+        stopped = engine.generate(ids, SamplingParams(**forced))
+        assert stopped.finish_reason == "stop" and stopped.completion_tokens == len(tok.encode("hi")) + 1
+        ignoring = engine.generate(ids, SamplingParams(**forced, ignore_eos=True))
+        assert ignoring.finish_reason == "length" and ignoring.completion_tokens == 5
+    finally:
+        engine.stop()
+    client = TestClient(create_app(engine))  # no lifespan: the engine stays stopped
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for _ in range(2):
+        error = _error(client.post("/v1/chat/completions", json=body), 503)
+        assert error["code"] == "engine_stopped" and error["type"] == "server_error"
+    assert client.get("/health").status_code == 503
+
+
+def test_checkpoint_without_sampling_defaults_to_greedy(tiny_chat_dir, model, tok):
+    """A request that leaves temperature out samples as the checkpoint says: with
+    ``do_sample: false`` in its generation config that is greedy (temperature 0)."""
+    from qwen.serving.app import _Server
+
+    engine = Engine(model, tok)
+    server = _Server(engine, "m", False)
+    server.generation_config = copy.deepcopy(model.generation_config)
+    server.generation_config.do_sample = True
+    assert server._defaults()["temperature"] == (model.generation_config.temperature or 1.0)
+    server.generation_config.do_sample = False
+    assert server._defaults()["temperature"] == 0.0
