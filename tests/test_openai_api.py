@@ -736,6 +736,12 @@ def test_auth(busy_server):
     assert httpx.get(url, auth=("alice", "secret")).status_code == 200
     assert _error(httpx.get(url, auth=("alice", "wrong")), 401)["type"] == "invalid_request_error"
     assert httpx.get(f"{busy_server.url}/health").status_code == 200
+    # credentials are checked before the body is read: malformed JSON without them is a 401
+    chat = f"{busy_server.url}/v1/chat/completions"
+    headers = {"content-type": "application/json"}
+    assert _error(httpx.post(chat, content="{bad", headers=headers), 401)["code"] == "invalid_api_key"
+    with_key = headers | {"Authorization": "Bearer sk-test"}
+    assert _error(httpx.post(chat, content="{bad", headers=with_key), 400)["code"] == "invalid_json"
     with pytest.raises(openai.AuthenticationError):
         busy_server.client(api_key="wrong").models.list()
     assert busy_server.client(api_key="sk-test").models.list().data[0].id == "tiny-chat"

@@ -285,6 +285,8 @@ def create_app(
         """Plain text completion of a prompt (string, list of strings, or token ids)."""
         return await server.complete(body, request)
 
+    if auth:  # before the body is read: a request without credentials gets its 401 first
+        app.add_middleware(_AuthGate, check=_auth_dependency(api_key, api_auth))
     app.add_middleware(_RequestLog)
     return app
 
@@ -378,6 +380,26 @@ class _RequestLog:
                     fields.append(f"{key}={info[key]}")
             fields.append(f"time={time.perf_counter() - start:.3f}s")
             logger.log(level, "request %s", " ".join(fields))
+
+
+class _AuthGate:
+    """Checks the credentials of ``/v1/*`` requests before anything reads their body (a
+    route's own dependencies run after FastAPI has parsed it, so malformed JSON without
+    credentials got a 400 rather than the 401). Pure ASGI, like :class:`_RequestLog`."""
+
+    def __init__(self, app, check):
+        self.app = app
+        self.check = check
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("path", "").startswith("/v1/"):
+            try:
+                await self.check(Request(scope))
+            except APIError as error:
+                scope.setdefault(_LOG_KEY, {})["error"] = error.message
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class _Pending:
