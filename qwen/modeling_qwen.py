@@ -41,7 +41,6 @@ from .qwen_generation_utils import QWenChatMixin, StopWordsCriteria
 logger = logging.getLogger(__name__)
 
 _DTYPE_OF_FLAG = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_FLAG_OF_DTYPE = {v: k for k, v in _DTYPE_OF_FLAG.items()}
 
 
 # --------------------------------------------------------------------------- helpers
