@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
@@ -224,7 +224,6 @@ def create_app(
     if api_auth is not None and not all(api_auth.partition(":")[::2]):
         raise ValueError("api_auth must be 'user:password' with neither part empty")
     server = _Server(engine, served_model_name, enable_test_hooks)
-    auth = [Depends(_auth_dependency(api_key, api_auth))] if (api_key or api_auth) else []
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError):
@@ -253,11 +252,11 @@ def create_app(
         status = "ok" if engine.running else "stopped"
         return JSONResponse({"status": status, **engine.stats()}, status_code=200 if engine.running else 503)
 
-    @app.get("/v1/models", response_model=ModelList, dependencies=auth, tags=["openai"])
+    @app.get("/v1/models", response_model=ModelList, tags=["openai"])
     async def list_models():
         return ModelList(data=[server.card()])
 
-    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, dependencies=auth, tags=["openai"])
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, tags=["openai"])
     async def get_model(model_id: str):
         if model_id != served_model_name:
             raise APIError(404, f"The model {model_id!r} does not exist", param="model", code="model_not_found")
@@ -267,7 +266,6 @@ def create_app(
         "/v1/chat/completions",
         response_model=ChatCompletionResponse,
         responses=_ERROR_RESPONSES,
-        dependencies=auth,
         tags=["openai"],
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -278,15 +276,14 @@ def create_app(
         "/v1/completions",
         response_model=CompletionResponse,
         responses=_ERROR_RESPONSES,
-        dependencies=auth,
         tags=["openai"],
     )
     async def completions(body: CompletionRequest, request: Request):
         """Plain text completion of a prompt (string, list of strings, or token ids)."""
         return await server.complete(body, request)
 
-    if auth:  # before the body is read: a request without credentials gets its 401 first
-        app.add_middleware(_AuthGate, check=_auth_dependency(api_key, api_auth))
+    if api_key or api_auth:  # every /v1/* request, before its body is read: a 401 comes first
+        app.add_middleware(_AuthGate, check=_auth_check(api_key, api_auth))
     app.add_middleware(_RequestLog)
     return app
 
@@ -294,7 +291,7 @@ def create_app(
 # --------------------------------------------------------------------------- helpers
 
 
-def _auth_dependency(api_key: str | None, api_auth: str | None):
+def _auth_check(api_key: str | None, api_auth: str | None):
     async def check(request: Request) -> None:
         scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
         scheme, credentials = scheme.lower(), credentials.strip()
