@@ -12,6 +12,7 @@ it imports its siblings relatively and nothing else from this package.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib.util
 import inspect
@@ -19,6 +20,7 @@ import itertools
 import json
 import logging
 import math
+import mmap
 import os
 import struct
 from collections.abc import Callable
@@ -504,7 +506,8 @@ class QWenPreTrainedModel(PreTrainedModel):
                     f"checkpoint {pretrained_model_name_or_path!s} does not match the Qwen-1 layout "
                     f"({'; '.join(problems)}); refusing to run on randomly initialised weights"
                 )
-        map_cpu_weights(model)
+        if not huge_page_weights(model):
+            map_cpu_weights(model)
         return (model, info) if want_info else model
 
 
@@ -722,16 +725,10 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin, QWenChatMixin):
         )
 
 
-def map_cpu_weights(model: nn.Module) -> None:
-    """Touch one element per memory page of every CPU weight, so that weights memory-mapped
-    from a safetensors file are mapped into this process now, at load, rather than page by
-    page during the first forward (which then ran ~0.15 s slower on a 1.8B model: the
-    first request of a server, the first reply of a chat). Reads ~1/2000 of the bytes;
-    costs ~0.2 s for 3.4 GB of bf16 weights already in the page cache, or the disk read
-    the first forward would otherwise do. The input embedding table is left alone (a
-    forward reads a few of its rows; mapping it all would add its size to the resident
-    set) unless it doubles as the output layer. Skipped where the weights exceed half
-    the RAM (there the kernel must page them in and out anyway)."""
+def _resident_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The distinct CPU parameters and buffers a forward reads in full: all but the input
+    embedding table (a forward reads a few of its rows) unless it doubles as the output
+    layer."""
     seen = set()
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
     if embeddings is not None and (head is None or head.weight is not embeddings.weight):
@@ -740,7 +737,21 @@ def map_cpu_weights(model: nn.Module) -> None:
     for t in itertools.chain(model.parameters(), model.buffers()):
         if t.device.type == "cpu" and t.numel() and t.data_ptr() not in seen:
             seen.add(t.data_ptr())
-            tensors.append(t.detach())
+            tensors.append(t)
+    return tensors
+
+
+def map_cpu_weights(model: nn.Module) -> None:
+    """Touch one element per memory page of every CPU weight, so that weights memory-mapped
+    from a safetensors file are mapped into this process now, at load, rather than page by
+    page during the first forward (which then ran ~0.15 s slower on a 1.8B model: the
+    first request of a server, the first reply of a chat). Reads ~1/2000 of the bytes;
+    costs ~0.2 s for 3.4 GB of bf16 weights already in the page cache, or the disk read
+    the first forward would otherwise do. The input embedding table is left alone
+    (mapping it all would add its size to the resident set) unless it doubles as the
+    output layer. Skipped where the weights exceed half the RAM (there the kernel must
+    page them in and out anyway)."""
+    tensors = [t.detach() for t in _resident_weights(model)]
     total = sum(t.numel() * t.element_size() for t in tensors)
     if not tensors or total > _ram_bytes() // 2:
         return
@@ -748,6 +759,91 @@ def map_cpu_weights(model: nn.Module) -> None:
         for t in tensors:
             if t.dim() == 1 or t.is_contiguous():  # a view as one row of elements, every page's first
                 t.view(-1)[:: max(1, 4096 // t.element_size())].max()
+
+
+HUGE_PAGES_ENV = "QWEN_HUGE_PAGES"
+_HUGE_PAGE = 2 * 2**20
+_RELEASE_BYTES = 32 * 2**20
+
+
+def _transparent_huge_pages() -> bool:
+    """Whether this is Linux with transparent huge pages available to ``madvise``."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read()
+    except OSError:
+        return False
+    return "[always]" in mode or "[madvise]" in mode
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's memory mappings of regular files (Linux)."""
+    ranges = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and os.path.isfile(fields[5].rstrip("\n")):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+def _huge_page_tensor(like: torch.Tensor) -> torch.Tensor:
+    """An empty contiguous CPU tensor shaped as ``like``, in its own anonymous memory
+    mapping advised for transparent huge pages and starting on a 2 MiB boundary (when it
+    spans one). Its storage is its own, exactly its size, as for any tensor."""
+    nbytes = like.numel() * like.element_size()
+    spare = _HUGE_PAGE if nbytes >= _HUGE_PAGE else 0
+    block = mmap.mmap(-1, nbytes + spare, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    block.madvise(mmap.MADV_HUGEPAGE)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(block))
+    offset = (-address) % _HUGE_PAGE if spare else 0
+    # the tensor keeps ``block`` alive; the spare part before and after is never touched
+    flat = torch.frombuffer(block, dtype=torch.uint8, count=nbytes, offset=offset)
+    return flat.view(like.dtype).view(like.shape)
+
+
+def huge_page_weights(model: nn.Module) -> int:
+    """Move the CPU parameters a forward reads in full (:func:`_resident_weights`) into
+    anonymous memory advised for transparent huge pages (Linux), each in its own mapping.
+    Weights loaded from safetensors stay in the file's memory mapping, in 4 KiB pages;
+    one-row decoding streams every weight once per token, and from 2 MiB pages it ran
+    5-6% faster on a 2-core EPYC (1.8B bf16: 112 ms a token against 118, measured step
+    by step, alternating). The file pages each weight was copied from are handed back to
+    the kernel (``MADV_DONTNEED`` on the pages wholly inside it) as it goes, so the
+    resident set stays about the weights' size, as with the mapping. Costs a copy at
+    load: 0.3 s for 3 GB where the kernel has huge pages at hand, 1.5-4 s on the virtual
+    machine measured, where it had to find them. Nothing happens without transparent
+    huge pages, where the weights exceed half the RAM, or with ``QWEN_HUGE_PAGES=0``.
+    Returns the bytes moved."""
+    if os.environ.get(HUGE_PAGES_ENV, "1").strip() == "0" or not _transparent_huge_pages():
+        return 0
+    params = [t for t in _resident_weights(model) if isinstance(t, nn.Parameter)]
+    total = sum(t.numel() * t.element_size() for t in params)
+    if not params or total > _ram_bytes() // 2:
+        return 0
+    files = _file_mappings()
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    with torch.no_grad():
+        for param in params:
+            old = param.data
+            new = _huge_page_tensor(old)
+            start, size = old.data_ptr(), old.element_size()
+            if not (old.is_contiguous() and any(a <= start and start + old.numel() * size <= b for a, b in files)):
+                new.copy_(old)
+            else:  # in pieces, each piece's file pages released once copied
+                step = max(1, _RELEASE_BYTES // size)
+                for i in range(0, old.numel(), step):
+                    new.view(-1)[i : i + step].copy_(old.view(-1)[i : i + step])
+                    lo, hi = start + i * size, start + min(old.numel(), i + step) * size
+                    first, last = -(-lo // page) * page, hi // page * page
+                    if last > first:
+                        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+            param.data = new
+    return total
 
 
 def _ram_bytes() -> int:

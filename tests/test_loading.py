@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 import qwen
+from qwen import modeling_qwen
 from qwen.configuration_qwen import QWenConfig
 
 
@@ -183,19 +184,76 @@ def _mapped_bytes(path) -> int:
     return rss
 
 
+def _mapping_of(address: int) -> tuple[str, dict[str, str]]:
+    """The path (or "" for anonymous memory) and smaps fields of the mapping holding ``address``."""
+    with open("/proc/self/smaps") as f:
+        blocks = f.read().split("\n")
+    found, path, fields = False, "", {}
+    for line in blocks:
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and ":" in head[3]:
+            if found:
+                break
+            start, end = (int(x, 16) for x in head[0].split("-"))
+            found, path, fields = start <= address < end, (head[5] if len(head) > 5 else ""), {}
+        elif found and ":" in line:
+            key, value = line.split(":", 1)
+            fields[key] = value.strip()
+    assert found, hex(address)
+    return path, fields
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
-def test_memory_mapped_weights_are_mapped_at_load(tmp_path):
-    """from_pretrained maps the weights file in, so the first forward does not page-fault
-    it in; all but the input embedding table, of which a forward reads a few rows."""
+def test_memory_mapped_weights_are_mapped_at_load(tmp_path, monkeypatch):
+    """Without huge pages, from_pretrained maps the weights file in, so the first forward
+    does not page-fault it in; all but the input embedding table, of which a forward reads
+    a few rows."""
+    monkeypatch.setenv("QWEN_HUGE_PAGES", "0")
     ckpt = make_tiny(tmp_path / "bf16", "--dtype", "bf16")
     weights = (ckpt / "model.safetensors").resolve()
     model = AutoModelForCausalLM.from_pretrained(ckpt, bf16=True)
+    assert _mapping_of(model.lm_head.weight.data_ptr())[0] == str(weights)
     table = model.get_input_embeddings().weight
     table_bytes = table.numel() * table.element_size()
     assert table_bytes < weights.stat().st_size / 2  # untied: lm_head is as large
     mapped = _mapped_bytes(weights)
     assert 0.95 * (weights.stat().st_size - table_bytes) <= mapped <= weights.stat().st_size - table_bytes / 2
     del model
+
+
+@pytest.mark.skipif(not modeling_qwen._transparent_huge_pages(), reason="needs Linux transparent huge pages")
+@pytest.mark.parametrize("tied", [False, True])
+def test_weights_move_to_huge_pages(tmp_path, monkeypatch, tied):
+    """With transparent huge pages, every weight a forward reads in full moves out of the
+    file mapping into anonymous memory advised for huge pages, values unchanged, and
+    the file pages it was copied from leave the process's resident set. The untied input
+    embedding table stays mapped from the file, untouched."""
+    ckpt = make_tiny(tmp_path / "ckpt", "--dtype", "bf16", *(["--tie-word-embeddings"] if tied else []))
+    weights = (ckpt / "model.safetensors").resolve()
+    model = AutoModelForCausalLM.from_pretrained(ckpt, bf16=True)
+    table = model.get_input_embeddings().weight
+    moved = sum(p.numel() * p.element_size() for p in model.parameters() if p is not table or tied)
+    assert _mapped_bytes(weights) < 0.05 * moved  # (measured before anything else maps the file)
+    stored = load_file(str(weights))
+    for name, param in model.named_parameters():
+        assert torch.equal(param, stored[name]), name
+        path, fields = _mapping_of(param.data_ptr())
+        if param is table and not tied:
+            assert path == str(weights)
+            continue
+        assert path == "", (name, path)
+        nbytes = param.numel() * param.element_size()
+        assert param.untyped_storage().nbytes() == nbytes, name  # its own storage, its size (torch.save, safetensors)
+        if nbytes >= 2**21:  # room for a huge page: it starts on one, and (Linux 5.0+ says) may have them
+            assert param.data_ptr() % 2**21 == 0, name
+            assert fields.get("THPeligible", "1") == "1", name
+    assert tied == (model.lm_head.weight.data_ptr() == table.data_ptr())
+    ids = torch.arange(12)[None]
+    monkeypatch.setenv("QWEN_HUGE_PAGES", "0")
+    mapped = AutoModelForCausalLM.from_pretrained(ckpt, bf16=True)
+    assert _mapping_of(mapped.lm_head.weight.data_ptr())[0] == str(weights)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, mapped(ids).logits)
 
 
 # ----------------------------------------------------------------- weights
