@@ -4,7 +4,8 @@ Runs, alternating, in fresh processes (every model run between two probe runs):
   * ``qwen``   this package's ``QWenLMHeadModel`` on the official-layout checkpoint;
   * ``qwen2``  ``transformers.Qwen2ForCausalLM`` on the same weights in the Qwen2 layout;
   * ``probe``  the fastest bf16 GEMV torch offers here (one-row ``F.linear``, with and
-               without oneDNN) over a matrix the size of ``lm_head`` -> memory
+               without oneDNN, in 4 KiB and in huge pages) over a matrix the size
+               of ``lm_head`` -> memory
                bandwidth, and from it the decode bound ``bandwidth / bytes read per token``.
 Each prints one JSON line; the last line is a summary of medians.
 
@@ -144,32 +145,44 @@ def run_model(which: str, path: Path, prompt_len: int, new_tokens: int) -> dict:
 def run_probe(path: Path) -> dict:
     """The fastest bf16 GEMV torch offers here, over a matrix the size of ``lm_head``.
 
-    Two forms, best taken: a one-row ``F.linear`` as torch dispatches it (oneDNN on CPUs
-    with native bf16) and the same with oneDNN switched off (torch's own GEMV kernel).
+    Four forms, best taken: a one-row ``F.linear`` as torch dispatches it (oneDNN on CPUs
+    with native bf16) and the same with oneDNN switched off (torch's own GEMV kernel),
+    each over the matrix in torch's own memory (4 KiB pages) and in memory advised for
+    transparent huge pages (where the kernel has them; this package loads its weights
+    there).
     """
     import torch
     import torch.nn.functional as F
+
+    from qwen.modeling_qwen import _transparent_huge_pages, huge_page_empty_like
 
     cfg = json.loads((path / "config.json").read_text())
     h, v = cfg["hidden_size"], cfg["vocab_size"]
     w = torch.randn(v, h).to(torch.bfloat16)
     x = torch.randn(1, h).to(torch.bfloat16)
 
-    def gb_s() -> float:
+    def gb_s(matrix) -> float:
         times = []
         with torch.inference_mode():
             for _ in range(3):
-                F.linear(x, w)
+                F.linear(x, matrix)
             for _ in range(15):
                 t = time.perf_counter()
-                F.linear(x, w)
+                F.linear(x, matrix)
                 times.append(time.perf_counter() - t)
-        return w.numel() * 2 / statistics.median(times) / 1e9
+        return matrix.numel() * 2 / statistics.median(times) / 1e9
 
-    default = gb_s()
+    default = gb_s(w)
     with torch.backends.mkldnn.flags(enabled=False):
-        no_onednn = gb_s()
-    gbs = max(default, no_onednn)
+        no_onednn = gb_s(w)
+    huge_no_onednn = None
+    if _transparent_huge_pages():
+        huge = huge_page_empty_like(w)
+        huge.copy_(w)
+        del w
+        with torch.backends.mkldnn.flags(enabled=False):
+            huge_no_onednn = gb_s(huge)
+    gbs = max(default, no_onednn, huge_no_onednn or 0.0)
     # Bytes one decode step must read: every weight but the embedding table (one row).
     layers, inter = cfg["num_hidden_layers"], cfg["intermediate_size"] // 2
     per_layer = 4 * h * h + 3 * h + 3 * h * inter + 2 * h
@@ -180,6 +193,7 @@ def run_probe(path: Path) -> dict:
         "gemv_gb_s": round(gbs, 2),
         "gemv_default_gb_s": round(default, 2),
         "gemv_no_onednn_gb_s": round(no_onednn, 2),
+        "gemv_no_onednn_huge_pages_gb_s": None if huge_no_onednn is None else round(huge_no_onednn, 2),
         "bytes_per_token_gb": round(read / 1e9, 3),
         "decode_bound_tok_s": round(gbs * 1e9 / read, 3),
         "decode_bound_all_weights_tok_s": round(gbs * 1e9 / total, 3),

@@ -790,7 +790,7 @@ def _file_mappings() -> list[tuple[int, int]]:
     return ranges
 
 
-def _huge_page_tensor(like: torch.Tensor) -> torch.Tensor:
+def huge_page_empty_like(like: torch.Tensor) -> torch.Tensor:
     """An empty contiguous CPU tensor shaped as ``like``, in its own anonymous memory
     mapping advised for transparent huge pages and starting on a 2 MiB boundary (when it
     spans one). Its storage is its own, exactly its size, as for any tensor."""
@@ -830,7 +830,7 @@ def huge_page_weights(model: nn.Module) -> int:
     with torch.no_grad():
         for param in params:
             old = param.data
-            new = _huge_page_tensor(old)
+            new = huge_page_empty_like(old)
             start, size = old.data_ptr(), old.element_size()
             if not (old.is_contiguous() and any(a <= start and start + old.numel() * size <= b for a, b in files)):
                 new.copy_(old)
