@@ -781,7 +781,11 @@ def _transparent_huge_pages() -> bool:
 def _file_mappings() -> list[tuple[int, int]]:
     """Address ranges of this process's memory mappings of regular files (Linux)."""
     ranges = []
-    with open("/proc/self/maps") as f:
+    try:
+        f = open("/proc/self/maps")  # noqa: SIM115
+    except OSError:  # no /proc here: nothing is released, the copy still works
+        return ranges
+    with f:
         for line in f:
             fields = line.split(maxsplit=5)
             if len(fields) == 6 and os.path.isfile(fields[5].rstrip("\n")):
@@ -830,7 +834,12 @@ def huge_page_weights(model: nn.Module) -> int:
     with torch.no_grad():
         for param in params:
             old = param.data
-            new = huge_page_empty_like(old)
+            try:
+                new = huge_page_empty_like(old)
+            except OSError as error:  # say, a strict overcommit limit: the rest stay mapped
+                logger.warning("weights left in place: no anonymous memory for a copy (%s)", error)
+                map_cpu_weights(model)
+                break
             start, size = old.data_ptr(), old.element_size()
             if not (old.is_contiguous() and any(a <= start and start + old.numel() * size <= b for a, b in files)):
                 new.copy_(old)

@@ -256,6 +256,34 @@ def test_weights_move_to_huge_pages(tmp_path, monkeypatch, tied):
         assert torch.equal(model(ids).logits, mapped(ids).logits)
 
 
+@pytest.mark.skipif(not modeling_qwen._transparent_huge_pages(), reason="needs Linux transparent huge pages")
+def test_huge_pages_refused_midway_leaves_a_working_model(tmp_path, monkeypatch, caplog):
+    """No anonymous memory for a copy (say, a strict overcommit limit) is not an error:
+    the weights not yet moved stay mapped from the file, and the model computes the same."""
+    ckpt = make_tiny(tmp_path / "ckpt", "--dtype", "bf16")
+    monkeypatch.setenv("QWEN_HUGE_PAGES", "0")
+    mapped = AutoModelForCausalLM.from_pretrained(ckpt, bf16=True)
+    monkeypatch.setenv("QWEN_HUGE_PAGES", "1")
+    real, calls = modeling_qwen.huge_page_empty_like, []
+
+    def refuse_after_three(like):
+        calls.append(like.shape)
+        if len(calls) > 3:
+            raise OSError(12, "Cannot allocate memory")
+        return real(like)
+
+    monkeypatch.setattr(modeling_qwen, "huge_page_empty_like", refuse_after_three)
+    with caplog.at_level("WARNING", logger="qwen.modeling_qwen"):
+        model = AutoModelForCausalLM.from_pretrained(ckpt, bf16=True)
+    assert "weights left in place" in caplog.text
+    weights = str((ckpt / "model.safetensors").resolve())
+    places = [_mapping_of(p.data_ptr())[0] for p in model.parameters()]
+    assert places.count("") == 3 and places.count(weights) == len(places) - 3
+    ids = torch.arange(12)[None]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, mapped(ids).logits)
+
+
 # ----------------------------------------------------------------- weights
 
 
