@@ -5,8 +5,10 @@ Runs, alternating, in fresh processes (every model run between two probe runs):
   * ``qwen2``  ``transformers.Qwen2ForCausalLM`` on the same weights in the Qwen2 layout;
   * ``probe``  the fastest bf16 GEMV torch offers here (one-row ``F.linear``, with and
                without oneDNN, in 4 KiB and in huge pages) over a matrix the size
-               of ``lm_head`` -> memory
-               bandwidth, and from it the decode bound ``bandwidth / bytes read per token``.
+               of ``lm_head`` -> memory bandwidth, and from it the decode bound
+               ``bandwidth / bytes read per token``;
+then, once, ``interleaved``: this package's decode steps each followed by the probe's
+GEMV in one process (a ratio to the bound that drift between processes does not move).
 Each prints one JSON line; the last line is a summary of medians.
 
     python benchmarks/decode.py --rounds 3
@@ -142,6 +144,14 @@ def run_model(which: str, path: Path, prompt_len: int, new_tokens: int) -> dict:
     }
 
 
+def bytes_per_token(layers: int, hidden: int, intermediate_size: int, vocab: int) -> int:
+    """Bytes of bf16 weights one decode step reads: every weight but the embedding table
+    (one row of it)."""
+    inter = intermediate_size // 2
+    per_layer = 4 * hidden * hidden + 3 * hidden + 3 * hidden * inter + 2 * hidden
+    return 2 * (layers * per_layer + hidden + vocab * hidden)
+
+
 def run_probe(path: Path) -> dict:
     """The fastest bf16 GEMV torch offers here, over a matrix the size of ``lm_head``.
 
@@ -183,10 +193,7 @@ def run_probe(path: Path) -> dict:
         with torch.backends.mkldnn.flags(enabled=False):
             huge_no_onednn = gb_s(huge)
     gbs = max(default, no_onednn, huge_no_onednn or 0.0)
-    # Bytes one decode step must read: every weight but the embedding table (one row).
-    layers, inter = cfg["num_hidden_layers"], cfg["intermediate_size"] // 2
-    per_layer = 4 * h * h + 3 * h + 3 * h * inter + 2 * h
-    read = 2 * (layers * per_layer + h + v * h)
+    read = bytes_per_token(cfg["num_hidden_layers"], h, cfg["intermediate_size"], v)
     total = read + 2 * v * h
     return {
         "contender": "probe",
@@ -200,6 +207,55 @@ def run_probe(path: Path) -> dict:
     }
 
 
+def run_interleaved(path: Path, prompt_len: int, steps: int) -> dict:
+    """This package's decode steps and the probe's GEMV taken in turn, step by step, in one
+    process: each step against the bandwidth measured right after it, so that the ratio
+    does not depend on how the machine's bandwidth drifts between processes (it moves
+    from minute to minute on a shared machine). Greedy steps through the model's own
+    forward with a ``DynamicCache`` (what ``generate`` runs, without its bookkeeping)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    import qwen  # noqa: F401
+    from qwen.modeling_qwen import _transparent_huge_pages, huge_page_empty_like
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    cfg = model.config
+    w = torch.randn(cfg.vocab_size, cfg.hidden_size).to(torch.bfloat16)
+    matrices = [w]
+    if _transparent_huge_pages():
+        matrices.append(huge_page_empty_like(w).copy_(w))
+    x = torch.randn(1, cfg.hidden_size).to(torch.bfloat16)
+    read = bytes_per_token(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size)
+    ids = torch.randint(0, ENDOFTEXT, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    ratios, step_s, gb_s = [], [], []
+    with torch.inference_mode():
+        cache = DynamicCache(config=cfg)
+        token = model(ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(steps):
+            t = time.perf_counter()
+            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            step = time.perf_counter() - t
+            best = float("inf")
+            with torch.backends.mkldnn.flags(enabled=False):
+                for matrix in matrices:
+                    t = time.perf_counter()
+                    F.linear(x, matrix)
+                    best = min(best, time.perf_counter() - t)
+            bandwidth = w.numel() * 2 / best
+            step_s.append(step)
+            gb_s.append(bandwidth / 1e9)
+            ratios.append(read / bandwidth / step)
+    return {
+        "contender": "interleaved",
+        "steps": steps,
+        "decode_tok_s": round(1 / statistics.median(step_s), 3),
+        "gemv_gb_s": round(statistics.median(gb_s), 2),
+        "decode_vs_bound": round(statistics.median(ratios), 3),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=Path, default=DEFAULT_DIR, help=f"checkpoint dir (default {DEFAULT_DIR})")
@@ -207,7 +263,14 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
     parser.add_argument("--new-tokens", type=int, default=64, help="generated tokens (default 64)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
-    parser.add_argument("--worker", choices=["qwen", "qwen2", "probe"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--interleaved-steps",
+        type=int,
+        default=64,
+        help="after the rounds, this many decode steps of this package each followed by the probe, in one "
+        "process (a ratio to the bound that the machine's drift between processes does not move; 0: skip)",
+    )
+    parser.add_argument("--worker", choices=["qwen", "qwen2", "probe", "interleaved"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.threads:
@@ -218,17 +281,20 @@ def main() -> int:
         ckpt, twin = args.ckpt, args.ckpt.with_name(args.ckpt.name + "-qwen2")
         if args.worker == "probe":
             result = run_probe(ckpt)
+        elif args.worker == "interleaved":
+            result = run_interleaved(ckpt, args.prompt, args.interleaved_steps)
         else:
             result = run_model(args.worker, ckpt if args.worker == "qwen" else twin, args.prompt, args.new_tokens)
         print(json.dumps(result), flush=True)
         return 0
 
     ensure_checkpoints(args.ckpt)
-    results: dict[str, list[dict]] = {"qwen": [], "qwen2": [], "probe": []}
+    results: dict[str, list[dict]] = {"qwen": [], "qwen2": [], "probe": [], "interleaved": []}
 
     def run(which: str, r: int) -> dict:
         cmd = [sys.executable, __file__, "--worker", which, "--ckpt", str(args.ckpt)]
         cmd += ["--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
+        cmd += ["--interleaved-steps", str(args.interleaved_steps)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(proc.stderr[-4000:], file=sys.stderr)
@@ -270,6 +336,9 @@ def main() -> int:
     summary["qwen_decode_vs_bound_per_run"] = bracket["qwen"]
     summary["qwen2_decode_vs_bound_per_run"] = bracket["qwen2"]
     summary["qwen_decode_vs_median_bound"] = round(summary["qwen_decode_tok_s"] / bound, 3)
+    if args.interleaved_steps > 0:
+        line = run("interleaved", args.rounds)
+        summary["qwen_decode_vs_bound_interleaved"] = line["decode_vs_bound"]
     summary["qwen_rss_vs_weights"] = round(summary["qwen_peak_rss_gib"] / summary["qwen_weights_gib"], 3)
     summary["same_greedy_tokens"] = all(
         a["tokens"] == b["tokens"] for a, b in zip(results["qwen"], results["qwen2"], strict=True)
