@@ -257,6 +257,23 @@ def test_weights_move_to_huge_pages(tmp_path, monkeypatch, tied):
 
 
 @pytest.mark.skipif(not modeling_qwen._transparent_huge_pages(), reason="needs Linux transparent huge pages")
+def test_huge_pages_keep_changes_made_in_the_file_mapping(tmp_path, monkeypatch):
+    """Weights changed in place in a private file mapping live only in this process: the
+    move must not release those pages (another model still reads them)."""
+    ckpt = make_tiny(tmp_path / "ckpt", "--dtype", "bf16")
+    monkeypatch.setenv("QWEN_HUGE_PAGES", "0")
+    patched = AutoModelForCausalLM.from_pretrained(ckpt, bf16=True)
+    with torch.no_grad():
+        patched.lm_head.weight.mul_(2)
+    expected = patched.lm_head.weight.clone()
+    monkeypatch.setenv("QWEN_HUGE_PAGES", "1")
+    again = qwen.QWenLMHeadModel.from_pretrained(None, config=patched.config, state_dict=patched.state_dict())
+    assert _mapping_of(again.lm_head.weight.data_ptr())[0] == ""  # moved
+    assert torch.equal(again.lm_head.weight, expected)
+    assert torch.equal(patched.lm_head.weight, expected)  # not reverted to the file's bytes
+
+
+@pytest.mark.skipif(not modeling_qwen._transparent_huge_pages(), reason="needs Linux transparent huge pages")
 def test_huge_pages_refused_midway_leaves_a_working_model(tmp_path, monkeypatch, caplog):
     """No anonymous memory for a copy (say, a strict overcommit limit) is not an error:
     the weights not yet moved stay mapped from the file, and the model computes the same."""
