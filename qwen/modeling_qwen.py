@@ -827,12 +827,12 @@ def huge_page_weights(model: nn.Module) -> int:
     Weights loaded from safetensors stay in the file's memory mapping, in 4 KiB pages;
     one-row decoding streams every weight once per token, and from 2 MiB pages it ran
     5-7% faster on a 2-core EPYC (1.8B bf16, three runs alternating step by step: 112
-    ms a token against 118, 95 against 103, 89 against 96). The file pages each weight was copied from are handed back to
-    the kernel (``MADV_DONTNEED`` on the pages wholly inside it) as it goes, so the
-    resident set stays about the weights' size, as with the mapping (only in file
-    mappings where no page was ever written: changes made there live nowhere else).
-    The moved weights are private to the process (processes loading the same file no
-    longer share it through the page cache). Costs a copy at
+    ms a token against 118, 95 against 103, 89 against 96). The file pages each weight
+    was copied from are handed back to the kernel (``MADV_DONTNEED`` on the pages wholly
+    inside it) as it goes, so the resident set stays about the weights' size, as with
+    the mapping (only in file mappings where no page was ever written: changes made
+    there live nowhere else). The moved weights are private to the process (processes
+    loading the same file no longer share it through the page cache). Costs a copy at
     load: 0.3 s for 3 GB where the kernel has huge pages at hand, 2-5 s on the virtual
     machine measured, where it had to find them. Nothing happens without transparent
     huge pages (system-wide or for the process), where the weights exceed half the RAM

@@ -171,36 +171,32 @@ def test_bf16_load_keeps_bf16_values(tiny_dir):
         assert torch.equal(state[name], tensor), name
 
 
-def _mapped_bytes(path) -> int:
-    """Resident bytes of this process's memory mappings of ``path`` (/proc/self/smaps)."""
-    rss, inside = 0, False
+def _smaps() -> list[tuple[int, int, str, dict[str, str]]]:
+    """This process's memory mappings from /proc/self/smaps: start, end, path ("" for
+    anonymous memory) and the fields (``Rss``, ``THPeligible``, ...) as text."""
+    mappings = []
     with open("/proc/self/smaps") as f:
         for line in f:
-            fields = line.split()
-            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
-                inside = fields[-1] == str(path)
-            elif inside and fields[0] == "Rss:":
-                rss += int(fields[1]) * 1024
-    return rss
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's header line
+                start, end = (int(x, 16) for x in head[0].split("-"))
+                mappings.append((start, end, head[5] if len(head) > 5 else "", {}))
+            elif mappings and ":" in line:
+                key, value = line.split(":", 1)
+                mappings[-1][3][key] = value.strip()
+    return mappings
+
+
+def _mapped_bytes(path) -> int:
+    """Resident bytes of this process's memory mappings of ``path``."""
+    return sum(int(fields["Rss"].split()[0]) * 1024 for _, _, name, fields in _smaps() if name == str(path))
 
 
 def _mapping_of(address: int) -> tuple[str, dict[str, str]]:
     """The path (or "" for anonymous memory) and smaps fields of the mapping holding ``address``."""
-    with open("/proc/self/smaps") as f:
-        blocks = f.read().split("\n")
-    found, path, fields = False, "", {}
-    for line in blocks:
-        head = line.split()
-        if head and "-" in head[0] and len(head) >= 5 and ":" in head[3]:
-            if found:
-                break
-            start, end = (int(x, 16) for x in head[0].split("-"))
-            found, path, fields = start <= address < end, (head[5] if len(head) > 5 else ""), {}
-        elif found and ":" in line:
-            key, value = line.split(":", 1)
-            fields[key] = value.strip()
+    found = [(path, fields) for start, end, path, fields in _smaps() if start <= address < end]
     assert found, hex(address)
-    return path, fields
+    return found[0]
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
