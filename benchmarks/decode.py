@@ -152,23 +152,31 @@ def bytes_per_token(layers: int, hidden: int, intermediate_size: int, vocab: int
     return 2 * (layers * per_layer + hidden + vocab * hidden)
 
 
+def probe_matrices(rows: int, cols: int) -> list:
+    """The probe's random bf16 matrix, and the same in memory advised for transparent huge
+    pages where this machine has them (this package loads its weights there)."""
+    import torch
+
+    from qwen.modeling_qwen import _transparent_huge_pages, huge_page_empty_like
+
+    w = torch.randn(rows, cols).to(torch.bfloat16)
+    return [w, huge_page_empty_like(w).copy_(w)] if _transparent_huge_pages() else [w]
+
+
 def run_probe(path: Path) -> dict:
     """The fastest bf16 GEMV torch offers here, over a matrix the size of ``lm_head``.
 
-    Four forms, best taken: a one-row ``F.linear`` as torch dispatches it (oneDNN on CPUs
-    with native bf16) and the same with oneDNN switched off (torch's own GEMV kernel),
-    each over the matrix in torch's own memory (4 KiB pages) and in memory advised for
-    transparent huge pages (where the kernel has them; this package loads its weights
-    there).
+    Up to three forms, best taken: a one-row ``F.linear`` as torch dispatches it (oneDNN
+    on CPUs with native bf16) and the same with oneDNN switched off (torch's own GEMV
+    kernel), over the matrix in torch's own memory (4 KiB pages); and the latter over the
+    matrix in huge pages (:func:`probe_matrices`).
     """
     import torch
     import torch.nn.functional as F
 
-    from qwen.modeling_qwen import _transparent_huge_pages, huge_page_empty_like
-
     cfg = json.loads((path / "config.json").read_text())
     h, v = cfg["hidden_size"], cfg["vocab_size"]
-    w = torch.randn(v, h).to(torch.bfloat16)
+    matrices = probe_matrices(v, h)
     x = torch.randn(1, h).to(torch.bfloat16)
 
     def gb_s(matrix) -> float:
@@ -182,16 +190,10 @@ def run_probe(path: Path) -> dict:
                 times.append(time.perf_counter() - t)
         return matrix.numel() * 2 / statistics.median(times) / 1e9
 
-    default = gb_s(w)
+    default = gb_s(matrices[0])
     with torch.backends.mkldnn.flags(enabled=False):
-        no_onednn = gb_s(w)
-    huge_no_onednn = None
-    if _transparent_huge_pages():
-        huge = huge_page_empty_like(w)
-        huge.copy_(w)
-        del w
-        with torch.backends.mkldnn.flags(enabled=False):
-            huge_no_onednn = gb_s(huge)
+        no_onednn = gb_s(matrices[0])
+        huge_no_onednn = gb_s(matrices[1]) if len(matrices) > 1 else None
     gbs = max(default, no_onednn, huge_no_onednn or 0.0)
     read = bytes_per_token(cfg["num_hidden_layers"], h, cfg["intermediate_size"], v)
     total = read + 2 * v * h
@@ -218,14 +220,10 @@ def run_interleaved(path: Path, prompt_len: int, steps: int) -> dict:
     from transformers import AutoModelForCausalLM, DynamicCache
 
     import qwen  # noqa: F401
-    from qwen.modeling_qwen import _transparent_huge_pages, huge_page_empty_like
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     cfg = model.config
-    w = torch.randn(cfg.vocab_size, cfg.hidden_size).to(torch.bfloat16)
-    matrices = [w]
-    if _transparent_huge_pages():
-        matrices.append(huge_page_empty_like(w).copy_(w))
+    matrices = probe_matrices(cfg.vocab_size, cfg.hidden_size)
     x = torch.randn(1, cfg.hidden_size).to(torch.bfloat16)
     read = bytes_per_token(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size)
     ids = torch.randint(0, ENDOFTEXT, (1, prompt_len), generator=torch.Generator().manual_seed(0))
@@ -243,7 +241,7 @@ def run_interleaved(path: Path, prompt_len: int, steps: int) -> dict:
                     t = time.perf_counter()
                     F.linear(x, matrix)
                     best = min(best, time.perf_counter() - t)
-            bandwidth = w.numel() * 2 / best
+            bandwidth = matrices[0].numel() * 2 / best
             step_s.append(step)
             gb_s.append(bandwidth / 1e9)
             ratios.append(read / bandwidth / step)
