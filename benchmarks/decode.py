@@ -2,13 +2,17 @@
 
 Runs, alternating, in fresh processes (every model run between two probe runs):
   * ``qwen``   this package's ``QWenLMHeadModel`` on the official-layout checkpoint;
+  * ``qwen-compiled``  the same, decoding with compiled steps: ``generate(...,
+               cache_implementation="static", compile_config=CompileConfig())`` (after
+               one untimed ``generate`` that compiles them);
   * ``qwen2``  ``transformers.Qwen2ForCausalLM`` on the same weights in the Qwen2 layout;
   * ``probe``  the fastest bf16 GEMV torch offers here (one-row ``F.linear``, with and
                without oneDNN, in 4 KiB and in huge pages) over a matrix the size
                of ``lm_head`` -> memory bandwidth, and from it the decode bound
                ``bandwidth / bytes read per token``;
-then, once, ``interleaved``: this package's decode steps each followed by the probe's
-GEMV in one process (a ratio to the bound that drift between processes does not move).
+then, once each, ``interleaved`` and ``interleaved-compiled``: this package's decode steps
+(eager; compiled) each followed by the probe's GEMV in one process (a ratio to the bound
+that drift between processes does not move).
 Each prints one JSON line; the last line is a summary of medians.
 
     python benchmarks/decode.py --rounds 3
@@ -27,6 +31,8 @@ from pathlib import Path
 
 SHAPE = dict(layers=24, hidden=2048, heads=16, intermediate=11008, vocab_size=151936, seq_length=8192)
 ENDOFTEXT = 151643
+CONTENDERS = ("qwen", "qwen-compiled", "qwen2")
+INTERLEAVED = ("interleaved", "interleaved-compiled")
 DEFAULT_DIR = Path(os.environ.get("QWEN_BENCH_DIR", Path.home() / ".cache" / "qwen-bench")) / "qwen-1.8b-random"
 
 
@@ -109,7 +115,7 @@ def run_model(which: str, path: Path, prompt_len: int, new_tokens: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, LogitsProcessorList
 
-    if which == "qwen":
+    if which.startswith("qwen-") or which == "qwen":
         import qwen  # noqa: F401  (registers model_type "qwen")
 
     t0 = time.perf_counter()
@@ -118,22 +124,30 @@ def run_model(which: str, path: Path, prompt_len: int, new_tokens: int) -> dict:
     rss_loaded = peak_rss_gib()
     weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     ids = torch.randint(0, ENDOFTEXT, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    # Plain greedy decoding, the same for both contenders: no repetition penalty (the
+    # Plain greedy decoding, the same for every contender: no repetition penalty (the
     # chat checkpoint's generation_config asks for 1.1, Qwen2's has none), and the length
     # forced by ruling out end-of-text with an O(1) processor; ``min_new_tokens`` would do
     # it by scanning the whole 151936-token vocabulary every step (about 1.3 ms a token
     # here, a cost of the harness rather than of the model).
-    out, ttft, decode = timed_generate(
-        model,
-        ids,
+    kwargs = dict(
         max_new_tokens=new_tokens,
         repetition_penalty=1.0,
         logits_processor=LogitsProcessorList([BanToken(ENDOFTEXT)]),
         pad_token_id=ENDOFTEXT,
     )
+    compile_s = None
+    if which == "qwen-compiled":
+        from transformers.generation import CompileConfig
+
+        kwargs.update(cache_implementation="static", compile_config=CompileConfig())
+        t0 = time.perf_counter()
+        timed_generate(model, ids, **kwargs)  # compiles the decoding step
+        compile_s = round(time.perf_counter() - t0, 2)
+    out, ttft, decode = timed_generate(model, ids, **kwargs)
     return {
         "contender": which,
         "load_s": round(load_s, 2),
+        "first_generate_s": compile_s,
         "ttft_s": round(ttft, 3),
         "decode_tok_s": round(decode, 3),
         "peak_rss_gib": round(peak_rss_gib(), 3),
@@ -209,17 +223,21 @@ def run_probe(path: Path) -> dict:
     }
 
 
-def run_interleaved(path: Path, prompt_len: int, steps: int) -> dict:
+def run_interleaved(path: Path, prompt_len: int, steps: int, compiled: bool = False) -> dict:
     """This package's decode steps and the probe's GEMV taken in turn, step by step, in one
     process: each step against the bandwidth measured right after it, so that the ratio
     does not depend on how the machine's bandwidth drifts between processes (it moves
     from minute to minute on a shared machine). Greedy steps through the model's own
-    forward with a ``DynamicCache`` (what ``generate`` runs, without its bookkeeping)."""
+    forward with a ``DynamicCache`` (what ``generate`` runs, without its bookkeeping), or
+    with ``compiled`` through the compiled forward ``generate`` uses with a
+    ``StaticCache`` and ``CompileConfig()`` (compiled by two untimed steps first)."""
     import torch
     import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
+    from transformers.generation import CompileConfig
 
     import qwen  # noqa: F401
+    from qwen.kv_cache import CACHE_KWARG
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     cfg = model.config
@@ -227,13 +245,29 @@ def run_interleaved(path: Path, prompt_len: int, steps: int) -> dict:
     x = torch.randn(1, cfg.hidden_size).to(torch.bfloat16)
     read = bytes_per_token(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size)
     ids = torch.randint(0, ENDOFTEXT, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    forward = model.get_compiled_call(CompileConfig()) if compiled else model
+
+    def new_cache():
+        if compiled:
+            return StaticCache(config=cfg, max_cache_len=prompt_len + steps + 1)
+        return DynamicCache(config=cfg)
+
+    def decode(token, cache, position: int):
+        kwargs = {CACHE_KWARG: cache, "use_cache": True, "position_ids": torch.tensor([[position]])}
+        return forward(token, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
+
     ratios, step_s, gb_s = [], [], []
     with torch.inference_mode():
-        cache = DynamicCache(config=cfg)
-        token = model(ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-        for _ in range(steps):
+        if compiled:
+            cache = new_cache()
+            token = model(ids, **{CACHE_KWARG: cache}).logits[:, -1].argmax(-1, keepdim=True)
+            for i in range(2):
+                token = decode(token, cache, prompt_len + i)
+        cache = new_cache()
+        token = model(ids, **{CACHE_KWARG: cache}, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        for i in range(steps):
             t = time.perf_counter()
-            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            token = decode(token, cache, prompt_len + i)
             step = time.perf_counter() - t
             best = float("inf")
             with torch.backends.mkldnn.flags(enabled=False):
@@ -246,7 +280,7 @@ def run_interleaved(path: Path, prompt_len: int, steps: int) -> dict:
             gb_s.append(bandwidth / 1e9)
             ratios.append(read / bandwidth / step)
     return {
-        "contender": "interleaved",
+        "contender": "interleaved-compiled" if compiled else "interleaved",
         "steps": steps,
         "decode_tok_s": round(1 / statistics.median(step_s), 3),
         "gemv_gb_s": round(statistics.median(gb_s), 2),
@@ -268,7 +302,10 @@ def main() -> int:
         help="after the rounds, this many decode steps of this package each followed by the probe, in one "
         "process (a ratio to the bound that the machine's drift between processes does not move; 0: skip)",
     )
-    parser.add_argument("--worker", choices=["qwen", "qwen2", "probe", "interleaved"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--no-compiled", action="store_true", help="skip the compiled contender and its interleaved run"
+    )
+    parser.add_argument("--worker", choices=[*CONTENDERS, "probe", *INTERLEAVED], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.threads:
@@ -279,15 +316,18 @@ def main() -> int:
         ckpt, twin = args.ckpt, args.ckpt.with_name(args.ckpt.name + "-qwen2")
         if args.worker == "probe":
             result = run_probe(ckpt)
-        elif args.worker == "interleaved":
-            result = run_interleaved(ckpt, args.prompt, args.interleaved_steps)
+        elif args.worker in INTERLEAVED:
+            result = run_interleaved(
+                ckpt, args.prompt, args.interleaved_steps, compiled=args.worker.endswith("compiled")
+            )
         else:
-            result = run_model(args.worker, ckpt if args.worker == "qwen" else twin, args.prompt, args.new_tokens)
+            result = run_model(args.worker, twin if args.worker == "qwen2" else ckpt, args.prompt, args.new_tokens)
         print(json.dumps(result), flush=True)
         return 0
 
     ensure_checkpoints(args.ckpt)
-    results: dict[str, list[dict]] = {"qwen": [], "qwen2": [], "probe": [], "interleaved": []}
+    contenders = [c for c in CONTENDERS if not (args.no_compiled and c == "qwen-compiled")]
+    results: dict[str, list[dict]] = {which: [] for which in (*CONTENDERS, "probe", *INTERLEAVED)}
 
     def run(which: str, r: int) -> dict:
         cmd = [sys.executable, __file__, "--worker", which, "--ckpt", str(args.ckpt)]
@@ -303,13 +343,13 @@ def main() -> int:
         results[which].append(line)
         return line
 
-    # Every model run sits between two probe runs (P qwen P qwen2 P, next round the other
-    # way round): the machine may be shared, so each decode is set against the bandwidth
-    # measured just before and just after it.
-    bracket: dict[str, list[float]] = {"qwen": [], "qwen2": []}
+    # Every model run sits between two probe runs (P qwen P qwen2 P ..., next round the
+    # other way round): the machine may be shared, so each decode is set against the
+    # bandwidth measured just before and just after it.
+    bracket: dict[str, list[float]] = {which: [] for which in contenders}
     before = run("probe", 0)
     for r in range(args.rounds):
-        for which in ("qwen", "qwen2") if r % 2 == 0 else ("qwen2", "qwen"):
+        for which in contenders if r % 2 == 0 else contenders[::-1]:
             model = run(which, r)
             after = run("probe", r)
             bound = (before["decode_bound_tok_s"] + after["decode_bound_tok_s"]) / 2
@@ -326,21 +366,34 @@ def main() -> int:
         "gemv_gb_s": med("probe", "gemv_gb_s"),
         "decode_bound_tok_s": bound,
     }
-    for which in ("qwen", "qwen2"):
+    for which in contenders:
+        key_of = which.replace("-", "_")
         for key in ("load_s", "ttft_s", "decode_tok_s", "peak_rss_gib", "weights_gib"):
-            summary[f"{which}_{key}"] = med(which, key)
-    # Each run's decode against the mean bound of the probes around it; the median of those.
-    summary["qwen_decode_vs_bound"] = statistics.median(bracket["qwen"])
-    summary["qwen_decode_vs_bound_per_run"] = bracket["qwen"]
-    summary["qwen2_decode_vs_bound_per_run"] = bracket["qwen2"]
-    summary["qwen_decode_vs_median_bound"] = round(summary["qwen_decode_tok_s"] / bound, 3)
+            summary[f"{key_of}_{key}"] = med(which, key)
+        # Each run's decode against the mean bound of the probes around it; the median of those.
+        summary[f"{key_of}_decode_vs_bound"] = statistics.median(bracket[which])
+        summary[f"{key_of}_decode_vs_bound_per_run"] = bracket[which]
+        summary[f"{key_of}_decode_vs_median_bound"] = round(summary[f"{key_of}_decode_tok_s"] / bound, 3)
+        summary[f"{key_of}_rss_vs_weights"] = round(
+            summary[f"{key_of}_peak_rss_gib"] / summary[f"{key_of}_weights_gib"], 3
+        )
+    if "qwen-compiled" in contenders:
+        summary["qwen_compiled_first_generate_s"] = med("qwen-compiled", "first_generate_s")
     if args.interleaved_steps > 0:
-        line = run("interleaved", args.rounds)
-        summary["qwen_decode_vs_bound_interleaved"] = line["decode_vs_bound"]
-    summary["qwen_rss_vs_weights"] = round(summary["qwen_peak_rss_gib"] / summary["qwen_weights_gib"], 3)
+        for which in INTERLEAVED:
+            if which.endswith("compiled") and args.no_compiled:
+                continue
+            line = run(which, args.rounds)
+            summary[f"qwen_{which.replace('-', '_')}_decode_vs_bound"] = line["decode_vs_bound"]
     summary["same_greedy_tokens"] = all(
         a["tokens"] == b["tokens"] for a, b in zip(results["qwen"], results["qwen2"], strict=True)
     )
+    if "qwen-compiled" in contenders:
+        # Compiled steps fuse and order some roundings differently (as another kernel would):
+        # on random weights, whose logits are nearly tied, greedy paths may part after a while.
+        summary["compiled_same_greedy_tokens_as_eager"] = all(
+            a["tokens"] == b["tokens"] for a, b in zip(results["qwen"], results["qwen-compiled"], strict=True)
+        )
     print(json.dumps(summary), flush=True)
     return 0
 

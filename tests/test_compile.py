@@ -1,0 +1,108 @@
+"""Compiled decoding: one graph per step, the fast one-row products kept, the same results."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, StaticCache
+from transformers.generation import CompileConfig
+
+import qwen  # noqa: F401
+from qwen.kv_cache import CACHE_KWARG
+from qwen.modeling_qwen import CPU_COMPILE_OPTIONS
+
+
+def load(path, dtype):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def rand_ids(*shape, seed=0):
+    return torch.randint(0, 151643, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def recording_backend(graphs: list):
+    """A torch.compile backend that keeps each FX graph Dynamo captured and runs it as is."""
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return backend
+
+
+def one_row_linear_calls(gm) -> int:
+    op = torch.ops.qwen.one_row_linear
+    return sum(n.op == "call_function" and n.target in (op, op.default) for n in gm.graph.nodes)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "dtype,prompt",
+    [(torch.float32, 80), (torch.bfloat16, 80), (torch.bfloat16, 12)],
+    ids=["fp32-beyond-seq-length", "bf16-beyond-seq-length", "bf16"],
+)
+def test_decode_step_traces_into_one_graph(tiny_dir, dtype, prompt):
+    """A decoding step over a static cache traces into one graph (``fullgraph``: no break
+    on the dynamic-NTK choice, the logN factors or the one-row products), computes what
+    the eager step computes, and in half precision keeps every one-row product as the
+    opaque ``qwen::one_row_linear`` (torch's GEMV, not oneDNN's). The 80-token prompt is
+    beyond the checkpoint's seq_length of 64: NTK alpha 3 and logN factors above 1."""
+    m = load(tiny_dir, dtype)
+    graphs: list = []
+    step = torch.compile(m, backend=recording_backend(graphs), fullgraph=True)
+    ids = rand_ids(1, prompt)
+    eager_cache = StaticCache(config=m.config, max_cache_len=prompt + 4)
+    compiled_cache = StaticCache(config=m.config, max_cache_len=prompt + 4)
+    token = m(ids, **{CACHE_KWARG: eager_cache}).logits[:, -1:].argmax(-1)
+    m(ids, **{CACHE_KWARG: compiled_cache})
+    for i in range(3):
+        position = torch.tensor([[prompt + i]])
+        eager = m(token, position_ids=position, **{CACHE_KWARG: eager_cache}).logits
+        compiled = step(token, position_ids=position, **{CACHE_KWARG: compiled_cache}).logits
+        assert torch.equal(eager, compiled), i
+        token = eager[:, -1:].argmax(-1)
+    assert len(graphs) == 1
+    layers = m.config.num_hidden_layers
+    assert one_row_linear_calls(graphs[0]) == (5 * layers + 1 if dtype == torch.bfloat16 else 0)
+
+
+def test_one_row_linear_operator_equals_the_eager_product():
+    x = torch.randn(1, 1, 64).to(torch.bfloat16)
+    weight = torch.randn(48, 64).to(torch.bfloat16)
+    bias = torch.randn(48).to(torch.bfloat16)
+    with torch.no_grad():
+        for b in (bias, None):
+            out = torch.ops.qwen.one_row_linear(x, weight, b)
+            assert out.shape == (1, 1, 48)
+            assert torch.equal(out, torch.nn.functional.linear(x, weight, b))
+
+
+def _has_cxx() -> bool:
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+@pytest.mark.skipif(not _has_cxx(), reason="Inductor needs a C++ compiler on CPU")
+@torch.no_grad()
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)], ids=["fp32", "bf16"])
+def test_generate_compiles_decoding_on_cpu(tiny_dir, dtype, atol):
+    """``generate(cache_implementation="static", compile_config=CompileConfig())`` compiles
+    the decoding steps with Inductor on CPU (transformers alone would not there), with
+    CPU_COMPILE_OPTIONS, leaves the caller's config alone, and decodes as eager does
+    (bf16: other fusions round differently, so logits agree to bf16 precision)."""
+    m = load(tiny_dir, dtype)
+    ids = rand_ids(1, 70)  # beyond seq_length 64
+    config = CompileConfig()
+    kw = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    eager = m.generate(ids, **kw)
+    compiled = m.generate(ids, cache_implementation="static", compile_config=config, **kw)
+    assert hasattr(m, "_compiled_call")
+    used = m._last_compile_config
+    assert used.mode is None and {**used.options, **CPU_COMPILE_OPTIONS} == used.options
+    assert used.options.get("triton.cudagraphs") is True  # mode="reduce-overhead" as its options
+    assert config._compile_all_devices is None and config.options is None  # the caller's, untouched
+    for a, b in zip(eager.logits, compiled.logits, strict=True):
+        assert (a - b).abs().max().item() < atol
+    if dtype == torch.float32:
+        assert eager.sequences.tolist() == compiled.sequences.tolist()
