@@ -79,6 +79,41 @@ def test_one_row_linear_operator_equals_the_eager_product():
             assert torch.equal(out, torch.nn.functional.linear(x, weight, b))
 
 
+@torch.no_grad()
+def test_generate_runs_one_row_steps_compiled_without_onednn(tiny_dir):
+    """Through ``generate``, a one-row bf16 step on CPU runs its compiled graph with oneDNN
+    switched off as a whole and its products as plain linears in the graph (the operator's
+    round trip costs ~10% of a compiled step); the recording backend runs the graph as
+    traced, so the tokens and logits equal eager decoding exactly."""
+    m = load(tiny_dir, torch.bfloat16)
+    graphs: list = []
+    onednn_during_steps: list = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+
+        def run(*args):
+            onednn_during_steps.append(torch._C._get_mkldnn_enabled())
+            return gm.forward(*args)
+
+        return run
+
+    ids = rand_ids(1, 70)
+    kw = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    eager = m.generate(ids, **kw)
+    compiled = m.generate(
+        ids, cache_implementation="static", compile_config=CompileConfig(backend=backend, mode=None), **kw
+    )
+    assert eager.sequences.tolist() == compiled.sequences.tolist()
+    for a, b in zip(eager.logits, compiled.logits, strict=True):
+        assert torch.equal(a, b)
+    assert len(graphs) == 1 and onednn_during_steps == [False] * 3  # 3 decoding steps after the prefill
+    assert torch._C._get_mkldnn_enabled()  # back on after the step
+    assert one_row_linear_calls(graphs[0]) == 0
+    linears = sum(n.target is torch._C._nn.linear for n in graphs[0].graph.nodes)
+    assert linears == 5 * m.config.num_hidden_layers + 1
+
+
 def _has_cxx() -> bool:
     return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
