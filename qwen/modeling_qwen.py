@@ -773,6 +773,13 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin, QWenChatMixin):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         use_int8_cache_for_generation(self.config, generation_config, model_kwargs)  # use_cache_quantization
 
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, position_ids=None, **kwargs) -> dict:
+        """The attention masks ``generate`` builds ahead of the forward for static
+        (compileable) caches: this model's own, one per window size in use (the generic
+        one would drop ``window_size``)."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        return self.transformer._masks(inputs_embeds, attention_mask, cache, position_ids)
+
     def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
         """As ``GenerationMixin``'s, except that an explicit ``compile_config`` compiles the
         decoding steps on CPU too (``generate`` otherwise compiles only on accelerators)."""

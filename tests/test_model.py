@@ -290,6 +290,20 @@ def test_static_cache_generation_equals_dynamic(model):
 
 
 @torch.no_grad()
+def test_static_cache_generation_keeps_the_window(tiny_dir):
+    """For static caches ``generate`` builds the attention masks ahead of the forward;
+    they must carry ``window_size`` (transformers' generic ones attend to everything)."""
+    m = load(tiny_dir, window_size=4)
+    ids = rand_ids(1, 12)
+    kw = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    a = m.generate(ids, **kw)
+    b = m.generate(ids, cache_implementation="static", **kw)
+    assert a.sequences.tolist() == b.sequences.tolist()
+    for x, y in zip(a.logits, b.logits, strict=True):
+        assert (x - y).abs().max().item() < ATOL
+
+
+@torch.no_grad()
 def test_generation_is_greedy_argmax(model):
     ids = rand_ids(1, 8)
     gen = model.generate(ids, max_new_tokens=5, do_sample=False)
