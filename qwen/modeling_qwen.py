@@ -155,13 +155,19 @@ CPU_FP32_BLOCK_BYTES = 8 * 2**20
 CPU_COMPILE_OPTIONS = {"realize_opcount_threshold": 4}
 
 
-@functools.cache
+# cpu_has_native's answers (a dict, not functools.cache: Dynamo traces through the
+# latter with a warning and reads the former like any dict).
+_CPU_NATIVE: dict[torch.dtype, bool] = {}
+
+
 def cpu_has_native(dtype: torch.dtype) -> bool:
     """Whether torch's CPU matmul has hardware support for ``dtype`` here (private torch probes)."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     if dtype == torch.float16:
         probes = ("_is_amx_fp16_supported",)
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    if dtype not in _CPU_NATIVE:
+        _CPU_NATIVE[dtype] = any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return _CPU_NATIVE[dtype]
 
 
 def cpu_half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
