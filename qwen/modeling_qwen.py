@@ -25,6 +25,7 @@ import math
 import mmap
 import os
 import struct
+import threading
 from collections.abc import Callable
 
 import torch
@@ -155,19 +156,23 @@ CPU_FP32_BLOCK_BYTES = 8 * 2**20
 CPU_COMPILE_OPTIONS = {"realize_opcount_threshold": 4}
 
 
-# cpu_has_native's answers (a dict, not functools.cache: Dynamo traces through the
-# latter with a warning and reads the former like any dict).
-_CPU_NATIVE: dict[torch.dtype, bool] = {}
+def _cpu_native_probe(dtype: torch.dtype) -> bool:
+    probes = (
+        ("_is_amx_fp16_supported",)
+        if dtype == torch.float16
+        else ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+# Probed once at import: torch.compile cannot trace the probes, and a first call made
+# while tracing (a compiled prefill in a fresh process) would break the graph.
+_CPU_NATIVE = {dtype: _cpu_native_probe(dtype) for dtype in (torch.bfloat16, torch.float16)}
 
 
 def cpu_has_native(dtype: torch.dtype) -> bool:
     """Whether torch's CPU matmul has hardware support for ``dtype`` here (private torch probes)."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    if dtype == torch.float16:
-        probes = ("_is_amx_fp16_supported",)
-    if dtype not in _CPU_NATIVE:
-        _CPU_NATIVE[dtype] = any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-    return _CPU_NATIVE[dtype]
+    return _CPU_NATIVE.get(dtype, False)
 
 
 def cpu_half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -224,25 +229,36 @@ if hasattr(torch.library, "custom_op") and not hasattr(torch.ops.qwen, "one_row_
     )
 
 
-# True while a compiled one-row step runs with oneDNN switched off as a whole
-# (:func:`onednn_off_for_one_row_step`): its one-row products then stay plain F.linear in
-# the graph, where the operator's round trip costs ~10% of a compiled step.
+# True while compiled one-row steps run with oneDNN switched off as a whole
+# (:func:`onednn_off_for_one_row_step`): their one-row products then stay plain F.linear
+# in the graph, where the operator's round trip costs ~10% of a compiled step. Steps in
+# several threads share the switch: the first to start turns oneDNN off, the last to
+# end restores it.
 _onednn_off_for_step = False
+_one_row_steps = 0
+_onednn_before_steps = True
+_one_row_steps_lock = threading.Lock()
 
 
 @contextlib.contextmanager
 def onednn_off_for_one_row_step():
     """Switch oneDNN off around a compiled one-row CPU step (what the operator does for
     each product) and let the step trace its one-row products as plain ``F.linear``."""
-    global _onednn_off_for_step
-    enabled = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
-    _onednn_off_for_step = True
+    global _onednn_off_for_step, _one_row_steps, _onednn_before_steps
+    with _one_row_steps_lock:
+        if _one_row_steps == 0:
+            _onednn_before_steps = torch._C._get_mkldnn_enabled()
+            torch._C._set_mkldnn_enabled(False)
+            _onednn_off_for_step = True
+        _one_row_steps += 1
     try:
         yield
     finally:
-        _onednn_off_for_step = False
-        torch._C._set_mkldnn_enabled(enabled)
+        with _one_row_steps_lock:
+            _one_row_steps -= 1
+            if _one_row_steps == 0:
+                _onednn_off_for_step = False
+                torch._C._set_mkldnn_enabled(_onednn_before_steps)
 
 
 def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from transformers.generation import CompileConfig
 
 import qwen  # noqa: F401
 from qwen.kv_cache import CACHE_KWARG
-from qwen.modeling_qwen import CPU_COMPILE_OPTIONS
+from qwen.modeling_qwen import CPU_COMPILE_OPTIONS, onednn_off_for_one_row_step
 
 
 def load(path, dtype):
@@ -66,6 +69,58 @@ def test_decode_step_traces_into_one_graph(tiny_dir, dtype, prompt):
     assert len(graphs) == 1
     layers = m.config.num_hidden_layers
     assert one_row_linear_calls(graphs[0]) == (5 * layers + 1 if dtype == torch.bfloat16 else 0)
+
+
+def test_compiled_prefill_in_a_fresh_process_traces_into_one_graph(tiny_dir):
+    """The CPU probes behind the multi-row paths cannot be traced: they run at import,
+    not on a first call that may come while tracing (a compiled bf16 prefill)."""
+    script = f"""
+import torch, qwen
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(tiny_dir)!r}, dtype=torch.bfloat16).eval()
+graphs = []
+def backend(gm, example_inputs):
+    graphs.append(gm)
+    return gm.forward
+ids = torch.randint(0, 151643, (2, 8), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    out = torch.compile(m, backend=backend, fullgraph=True)(ids, use_cache=False).logits
+    assert torch.equal(out, m(ids, use_cache=False).logits)
+print(len(graphs))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == "1"
+
+
+def test_overlapping_one_row_steps_restore_onednn():
+    """Compiled one-row steps in two threads share the oneDNN switch: it stays off until
+    the last one ends, then comes back as it was (not off for good, as a save/restore per
+    step would leave it when the steps overlap: A saves on, B saves off, A, then B restore)."""
+    assert torch._C._get_mkldnn_enabled()
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with onednn_off_for_one_row_step():
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def b():
+        a_in.wait(10)
+        with onednn_off_for_one_row_step():
+            b_in.set()
+            a_out.wait(10)
+            seen["after A left"] = torch._C._get_mkldnn_enabled()
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == {"after A left": False}
+    assert torch._C._get_mkldnn_enabled()
 
 
 def test_one_row_linear_operator_equals_the_eager_product():
