@@ -623,29 +623,31 @@ class QWenModel(QWenPreTrainedModel):
         """Per-row dynamic-NTK alpha (B,), or None when the feature is off."""
         if not self.config.use_dynamic_ntk or self.training:
             return None
-        if isinstance(past_len, torch.Tensor) and past_key_values is not None and torch.compiler.is_compiling():
+        if isinstance(past_len, torch.Tensor) and torch.compiler.is_compiling():
             # A compiled step over a static cache (its length a tensor): choose without
             # branching on it (the branch would break the graph).
-            alpha = ntk_alpha(position_ids.max(dim=-1).values + 1, self.config.seq_length).expand(bsz)
+            alpha = self._ntk_from_lengths(position_ids, bsz)
             fixed = ntk_alpha_of(past_key_values)
             if fixed is not None and fixed.shape[0] == bsz:
                 alpha = torch.where(past_len == 0, alpha, fixed)
             set_ntk_alpha(past_key_values, alpha)
             return alpha
-        if past_len == 0 or past_key_values is None:
-            # A sequence starts: alpha from each row's own unpadded key length.
-            length = position_ids.max(dim=-1).values + 1
-            alpha = ntk_alpha(length, self.config.seq_length).expand(bsz).clone()
+        if past_len == 0 or past_key_values is None:  # a sequence starts
+            alpha = self._ntk_from_lengths(position_ids, bsz)
             if past_key_values is not None:
                 set_ntk_alpha(past_key_values, alpha)
             return alpha
         alpha = ntk_alpha_of(past_key_values)
         if alpha is None or alpha.shape[0] != bsz:
             # A cache filled elsewhere (or reshaped): fall back to the current length.
-            length = position_ids.max(dim=-1).values + 1
-            alpha = ntk_alpha(length, self.config.seq_length).expand(bsz).clone()
+            alpha = self._ntk_from_lengths(position_ids, bsz)
             set_ntk_alpha(past_key_values, alpha)
         return alpha
+
+    def _ntk_from_lengths(self, position_ids: torch.Tensor, bsz: int) -> torch.Tensor:
+        """Alpha (B,) from each row's own unpadded key length (its last position + 1)."""
+        length = position_ids.max(dim=-1).values + 1
+        return ntk_alpha(length, self.config.seq_length).expand(bsz).clone()
 
     def _masks(self, inputs_embeds, attention_mask, past_key_values, position_ids) -> dict:
         if isinstance(attention_mask, dict):
