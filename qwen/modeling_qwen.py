@@ -969,7 +969,9 @@ def huge_page_weights(model: nn.Module) -> int:
     machine measured, where it had to find them. Nothing happens without transparent
     huge pages (system-wide or for the process), where the weights exceed half the RAM
     or the cgroup memory limit, or with ``QWEN_HUGE_PAGES=0`` (or false/off/no).
-    Returns the bytes moved."""
+    Returns the bytes of the weights it took on, 0 where it did nothing (the caller maps
+    them then); when no anonymous memory is left midway, the rest stay where they are
+    and it maps them itself, with a warning."""
     if os.environ.get(HUGE_PAGES_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
         return 0
     if not _transparent_huge_pages():
