@@ -23,6 +23,11 @@ def make_tiny(out: Path, *args: str) -> Path:
     return out
 
 
+def rand_ids(*shape: int, seed: int = 0) -> torch.Tensor:
+    """Random token ids below the special tokens, reproducible by ``seed``."""
+    return torch.randint(0, 151643, shape, generator=torch.Generator().manual_seed(seed))
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """Base model, trained context 64 tokens (short, so NTK/logN are reachable)."""

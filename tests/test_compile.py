@@ -9,6 +9,7 @@ import threading
 
 import pytest
 import torch
+from conftest import rand_ids
 from transformers import AutoModelForCausalLM, StaticCache
 from transformers.generation import CompileConfig
 
@@ -19,10 +20,6 @@ from qwen.modeling_qwen import CPU_COMPILE_OPTIONS, onednn_off_for_one_row_step
 
 def load(path, dtype):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-
-
-def rand_ids(*shape, seed=0):
-    return torch.randint(0, 151643, shape, generator=torch.Generator().manual_seed(seed))
 
 
 def recording_backend(graphs: list):

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rand_ids
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from qwen import kv_cache
@@ -48,10 +49,6 @@ def ckpt(request) -> Path:
 def load(path, **kw):
     kw.setdefault("dtype", torch.float32)
     return AutoModelForCausalLM.from_pretrained(path, **kw).eval()
-
-
-def rand_ids(*shape, seed=0):
-    return torch.randint(0, 151643, shape, generator=torch.Generator().manual_seed(seed))
 
 
 def official_fake_quant(x: torch.Tensor) -> torch.Tensor:

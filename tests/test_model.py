@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import make_tiny, rand_ids
 from reference import naive_forward, qwen2_reference
 from transformers import AutoModelForCausalLM, DynamicCache
 
@@ -20,10 +20,6 @@ ATOL = 1e-5
 def load(path, **kw):
     kw.setdefault("dtype", torch.float32)
     return AutoModelForCausalLM.from_pretrained(path, **kw).eval()
-
-
-def rand_ids(*shape, seed=0):
-    return torch.randint(0, 151643, shape, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")
