@@ -40,6 +40,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_qwen import PRECISION_FLAGS, QWenConfig
+from .cpu_kernels import decode_attention
 from .kv_cache import CACHE_KWARG, Int8KVCache, grow_in_place, make_cache, use_int8_cache_for_generation
 from .qwen_generation_utils import QWenChatMixin, StopWordsCriteria
 
@@ -470,6 +471,11 @@ class QWenAttention(nn.Module):
             # step in float32 vs 6.0 in bf16 (oneDNN's batched matmul reads a cache that
             # comes from memory at ~7 GB/s); 16 rows, where converting the cache costs
             # more than it saves, 0.34 s vs 0.31 s.
+            # The C kernel of cpu_kernels.py (bf16, built on first use) attends in float32
+            # straight from the bf16 cache: 2-4x faster than these torch paths.
+            out = decode_attention(query, key, value, attention_mask, self.scaling)
+            if out is not None:
+                return self.c_proj(out.reshape(bsz, q_len, -1))
             dtype = query.dtype if bsz > 1 and cpu_has_native(query.dtype) else torch.float32
             out, _ = eager_attention(
                 self, query.to(dtype), key.to(dtype), value.to(dtype), attention_mask, scaling=self.scaling

@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 # from this package.
 REMOTE_CODE_FILES = (
     "configuration_qwen.py",
+    "cpu_kernels.py",
     "modeling_qwen.py",
     "tokenization_qwen.py",
     "qwen_generation_utils.py",

@@ -453,13 +453,14 @@ def test_one_row_half_matmul_skips_onednn(monkeypatch, dtype):
 @torch.no_grad()
 @pytest.mark.parametrize("native", [False, True])
 def test_cpu_half_decode_step_attends_eagerly(tiny_dir, monkeypatch, native):
-    """A one-token bf16 decoding step on a CPU attends over the cache with plain attention
-    instead of torch's half-precision SDPA kernel: in float32 for one sequence or without
+    """Without the C kernel, a one-token bf16 decoding step on a CPU attends over the cache
+    with plain attention instead of torch's half-precision SDPA kernel: in float32 for one sequence or without
     native bf16, in bf16 (softmax in float32) for a batch with it. A left-padded batch's
     last logits stay as close to the float32 model's as SDPA's own whole-sequence forward."""
     from qwen import modeling_qwen
 
     monkeypatch.setattr(modeling_qwen, "cpu_has_native", lambda dtype: native)
+    monkeypatch.setattr(modeling_qwen, "decode_attention", lambda *a: None)  # the C kernel: test_cpu_kernels
     calls = []
     real = modeling_qwen.eager_attention
     monkeypatch.setattr(modeling_qwen, "eager_attention", lambda *a, **k: calls.append(a[1].dtype) or real(*a, **k))
