@@ -233,7 +233,11 @@ def _kernel():
     try:
         function = getattr(ctypes.CDLL(str(_build(compiler))), _SYMBOL)
     except Exception as error:  # any failure only costs speed
-        logger.warning("could not build the CPU decoding-attention kernel (%s); attention stays in torch", error)
+        logger.warning(
+            "could not build the CPU decoding-attention kernel (%s); attention stays in torch "
+            "(QWEN_CPU_KERNELS=0 skips the attempt)",
+            error,
+        )
         return None
     function.argtypes = _ARGTYPES
     function.restype = None
