@@ -10,7 +10,9 @@ rows and heads, with AVX-512 loads/FMAs where the CPU has them.
 
 The C source below is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``,
 ``-O3 -march=native -fopenmp``; about 0.2 s) the first time it is needed and cached
-under ``$QWEN_KERNEL_CACHE`` (default ``~/.cache/qwen/kernels``), keyed by the source,
+under ``$QWEN_KERNEL_CACHE`` (default ``~/.cache/qwen/kernels``; when that cannot be
+written, a private ``qwen-kernels-<uid>`` directory in the system's temporary directory,
+used only while it is the user's own and writable by nobody else), keyed by the source,
 the compiler and the CPU's feature flags. Without a compiler, or with
 ``QWEN_CPU_KERNELS=0``, :func:`decode_attention` returns ``None`` and the model attends
 with torch as before. Results: float32 arithmetic throughout (as the model's own
@@ -199,14 +201,46 @@ def _cpu_signature() -> str:
         return platform.processor() + platform.machine()
 
 
+def _fallback_dir() -> Path | None:
+    """A private per-user directory under the system's temporary directory, for when the
+    cache cannot be written; ``None`` unless it is ours and nobody else can write there
+    (a library loaded from a shared path must not be planted by someone else)."""
+    if not hasattr(os, "getuid"):
+        return None
+    directory = Path(tempfile.gettempdir()) / f"qwen-kernels-{os.getuid()}"
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+        info = directory.lstat()
+    except OSError:
+        return None
+    if not directory.is_dir() or directory.is_symlink() or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        return None
+    return directory
+
+
 def _build(compiler: str) -> Path:
+    """The kernel's shared library: from the cache, else compiled into it (or into a
+    private temporary directory when the cache directory cannot be written)."""
     key = hashlib.sha256(
         "\0".join([_SOURCE, " ".join(_FLAGS), compiler, _cpu_signature(), sys.platform]).encode()
     ).hexdigest()[:24]
-    directory = cache_dir()
-    target = directory / f"decode_attention_{key}.so"
-    if target.exists():
-        return target
+    name = f"decode_attention_{key}.so"
+    if (cache_dir() / name).exists():
+        return cache_dir() / name
+    try:
+        return _compile(compiler, cache_dir(), name)
+    except OSError as error:
+        fallback = _fallback_dir()
+        if fallback is None:
+            raise
+        logger.info("kernel cache %s not writable (%s); using %s", cache_dir(), error, fallback)
+        if (fallback / name).exists():
+            return fallback / name
+        return _compile(compiler, fallback, name)
+
+
+def _compile(compiler: str, directory: Path, name: str) -> Path:
+    target = directory / name
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         source = Path(tmp) / "decode_attention.c"

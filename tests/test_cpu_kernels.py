@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -190,3 +191,24 @@ def test_model_decoding_step_through_the_kernel(request, monkeypatch, which):
         assert (kernel - exact).abs().max() <= 2 * (whole - exact).abs().max() + 1e-3
         if rows.stop == 1:  # one sequence: the torch path is float32 attention too
             assert (kernel - torch_path).abs().max() <= (whole - exact).abs().max() + 1e-3
+
+
+@needs_compiler
+def test_unwritable_cache_falls_back_to_a_private_temporary_directory(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("QWEN_KERNEL_CACHE", str(blocker / "kernels"))  # mkdir fails there
+    monkeypatch.setattr(cpu_kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    cpu_kernels._kernel.cache_clear()
+    try:
+        assert cpu_kernels.available()
+        private = tmp_path / "tmp" / f"qwen-kernels-{os.getuid()}"
+        assert len(list(private.glob("decode_attention_*.so"))) == 1
+        assert private.stat().st_mode & 0o777 == 0o700
+        # a fallback directory others can write to is not trusted
+        private.chmod(0o777)
+        cpu_kernels._kernel.cache_clear()
+        assert not cpu_kernels.available()
+    finally:
+        cpu_kernels._kernel.cache_clear()
