@@ -170,9 +170,14 @@ _ARGTYPES = (
 )
 
 
+def env_switched_off(name: str) -> bool:
+    """Whether the environment variable ``name`` is ``0``/``false``/``no``/``off`` (any case)."""
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def enabled() -> bool:
     """False when ``QWEN_CPU_KERNELS`` is ``0``/``false``/``no``/``off``."""
-    return os.environ.get("QWEN_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+    return not env_switched_off("QWEN_CPU_KERNELS")
 
 
 def cache_dir() -> Path:
@@ -186,8 +191,9 @@ def cache_dir() -> Path:
 
 def _compiler() -> str | None:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+        path = shutil.which(name) if name else None
+        if path:
+            return path
     return None
 
 

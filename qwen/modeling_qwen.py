@@ -40,7 +40,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_qwen import PRECISION_FLAGS, QWenConfig
-from .cpu_kernels import decode_attention
+from .cpu_kernels import decode_attention, env_switched_off
 from .kv_cache import CACHE_KWARG, Int8KVCache, grow_in_place, make_cache, use_int8_cache_for_generation
 from .qwen_generation_utils import QWenChatMixin, StopWordsCriteria
 
@@ -978,7 +978,7 @@ def huge_page_weights(model: nn.Module) -> int:
     Returns the bytes of the weights it took on, 0 where it did nothing (the caller maps
     them then); when no anonymous memory is left midway, the rest stay where they are
     and it maps them itself, with a warning."""
-    if os.environ.get(HUGE_PAGES_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
+    if env_switched_off(HUGE_PAGES_ENV):
         return 0
     if not _transparent_huge_pages():
         return 0
