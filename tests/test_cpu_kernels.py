@@ -99,51 +99,51 @@ def test_decode_attention_declines_what_it_does_not_handle():
         assert cpu_kernels.decode_attention(q, k, v, None, 0.25) is None
 
 
-@needs_compiler
-def test_kernel_is_built_once_and_cached(tmp_path, monkeypatch):
-    monkeypatch.setenv("QWEN_KERNEL_CACHE", str(tmp_path / "kernels"))
+@pytest.fixture
+def fresh_kernel():
+    """Forget the process's kernel before and after the test (its environment differs)."""
     cpu_kernels._kernel.cache_clear()
-    try:
-        assert cpu_kernels.available()
-        built = list((tmp_path / "kernels").glob("decode_attention_*.so"))
-        assert len(built) == 1
-        stamp = built[0].stat().st_mtime_ns
-        cpu_kernels._kernel.cache_clear()
+    yield
+    cpu_kernels._kernel.cache_clear()
 
-        def no_compiler(*args, **kwargs):
-            raise AssertionError("compiled again")
 
-        monkeypatch.setattr(subprocess, "run", no_compiler)
-        assert cpu_kernels.available()  # loaded from the cache
-        assert built[0].stat().st_mtime_ns == stamp
-        assert not [p for p in (tmp_path / "kernels").iterdir() if p != built[0]]  # no temporary left behind
-    finally:
-        cpu_kernels._kernel.cache_clear()
+@needs_compiler
+def test_kernel_is_built_once_and_cached(tmp_path, monkeypatch, fresh_kernel):
+    monkeypatch.setenv("QWEN_KERNEL_CACHE", str(tmp_path / "kernels"))
+    assert cpu_kernels.available()
+    built = list((tmp_path / "kernels").glob("decode_attention_*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    cpu_kernels._kernel.cache_clear()
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(subprocess, "run", no_compiler)
+    assert cpu_kernels.available()  # loaded from the cache
+    assert built[0].stat().st_mtime_ns == stamp
+    assert not [p for p in (tmp_path / "kernels").iterdir() if p != built[0]]  # no temporary left behind
 
 
 @pytest.mark.parametrize("setting", ["failing compiler", "switched off"])
-def test_without_the_kernel_the_model_attends_in_torch(tmp_path, monkeypatch, tiny_dir, caplog, setting):
+def test_without_the_kernel_the_model_attends_in_torch(tmp_path, monkeypatch, tiny_dir, caplog, setting, fresh_kernel):
     if setting == "failing compiler":
         monkeypatch.setenv("CC", "false")  # exits 1 on anything
         monkeypatch.setenv("QWEN_KERNEL_CACHE", str(tmp_path / "empty"))
     else:
         monkeypatch.setenv("QWEN_CPU_KERNELS", "0")
-    cpu_kernels._kernel.cache_clear()
-    try:
-        assert not cpu_kernels.available()
-        if setting == "failing compiler":
-            assert "could not build the CPU decoding-attention kernel" in caplog.text
-        model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16).eval()
-        ids = rand_ids(1, 6)
-        with torch.inference_mode():
-            cache = DynamicCache(config=model.config)
-            model(ids[:, :-1], past_key_values=cache, use_cache=True)
-            step = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits
-            whole = model(ids).logits
-        assert torch.isfinite(step).all()
-        assert (step[:, -1].float() - whole[:, -1].float()).abs().max() < 0.1
-    finally:
-        cpu_kernels._kernel.cache_clear()
+    assert not cpu_kernels.available()
+    if setting == "failing compiler":
+        assert "could not build the CPU decoding-attention kernel" in caplog.text
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16).eval()
+    ids = rand_ids(1, 6)
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :-1], past_key_values=cache, use_cache=True)
+        step = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits
+        whole = model(ids).logits
+    assert torch.isfinite(step).all()
+    assert (step[:, -1].float() - whole[:, -1].float()).abs().max() < 0.1
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,12 @@ def test_model_decoding_step_through_the_kernel(request, monkeypatch, which):
     layers = half.config.num_hidden_layers
     calls = []
     real = modeling_qwen.decode_attention
-    monkeypatch.setattr(modeling_qwen, "decode_attention", lambda *a: calls.append(1) or real(*a))
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(modeling_qwen, "decode_attention", counting)
     ids = rand_ids(2, 40, seed=4)
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
@@ -185,7 +190,7 @@ def test_model_decoding_step_through_the_kernel(request, monkeypatch, which):
         assert len(calls) == layers
         monkeypatch.setattr(modeling_qwen, "decode_attention", lambda *a: None)
         torch_path = step(ids[rows], mask[rows]).float()
-        monkeypatch.setattr(modeling_qwen, "decode_attention", lambda *a: calls.append(1) or real(*a))
+        monkeypatch.setattr(modeling_qwen, "decode_attention", counting)
         whole = half(ids[rows], attention_mask=mask[rows]).logits[:, -1].float()
         exact = exact_model(ids[rows], attention_mask=mask[rows]).logits[:, -1]
         assert (kernel - exact).abs().max() <= 2 * (whole - exact).abs().max() + 1e-3
@@ -194,21 +199,17 @@ def test_model_decoding_step_through_the_kernel(request, monkeypatch, which):
 
 
 @needs_compiler
-def test_unwritable_cache_falls_back_to_a_private_temporary_directory(tmp_path, monkeypatch):
+def test_unwritable_cache_falls_back_to_a_private_temporary_directory(tmp_path, monkeypatch, fresh_kernel):
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
     monkeypatch.setenv("QWEN_KERNEL_CACHE", str(blocker / "kernels"))  # mkdir fails there
     monkeypatch.setattr(cpu_kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
+    assert cpu_kernels.available()
+    private = tmp_path / "tmp" / f"qwen-kernels-{os.getuid()}"
+    assert len(list(private.glob("decode_attention_*.so"))) == 1
+    assert private.stat().st_mode & 0o777 == 0o700
+    # a fallback directory others can write to is not trusted
+    private.chmod(0o777)
     cpu_kernels._kernel.cache_clear()
-    try:
-        assert cpu_kernels.available()
-        private = tmp_path / "tmp" / f"qwen-kernels-{os.getuid()}"
-        assert len(list(private.glob("decode_attention_*.so"))) == 1
-        assert private.stat().st_mode & 0o777 == 0o700
-        # a fallback directory others can write to is not trusted
-        private.chmod(0o777)
-        cpu_kernels._kernel.cache_clear()
-        assert not cpu_kernels.available()
-    finally:
-        cpu_kernels._kernel.cache_clear()
+    assert not cpu_kernels.available()
