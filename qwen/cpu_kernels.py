@@ -312,14 +312,12 @@ def decode_attention(
         return None
     if query.stride(3) != 1 or key.stride(3) != 1 or value.stride(3) != 1:
         return None
-    keep = None
-    if attention_mask is not None:
-        mask = attention_mask
-        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1) or mask.shape[0] not in (1, bsz):
+    keep = attention_mask  # (B or 1, 1, 1, L) booleans, True = attend
+    if keep is not None:
+        if keep.dtype != torch.bool or keep.dim() != 4 or keep.shape[1:3] != (1, 1) or keep.shape[0] not in (1, bsz):
             return None
-        if mask.shape[3] != length or mask.stride(3) != 1:
+        if keep.shape[3] != length or keep.stride(3) != 1:
             return None
-        keep = mask
     kernel = _kernel()
     if kernel is None:
         return None
