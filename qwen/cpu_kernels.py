@@ -1,22 +1,35 @@
-"""A C kernel for one decoding step's attention on CPU (bf16 cache), built on first use.
+"""Small C kernels for one-row (decoding) steps on CPU in bf16, built on first use.
 
-A decoding step attends with one query row per (sequence, head) over the cached keys and
-values. torch has no kernel made for that on CPU: its half-precision SDPA kernel and
-batched matmuls over many small matrices run far below memory speed (a 16-row step of a
-1.8B model spent 40-60 ms of ~220 in attention). :func:`decode_attention` computes
-``softmax(q k^T * scaling, masked) v`` per (row, head) in float32 from the bf16 cache in
-place (no float copy of the cache), skipping masked (padding) keys, in parallel over
-rows and heads, with AVX-512 loads/FMAs where the CPU has them.
+A decoding step multiplies one row per sequence by every weight matrix and attends with
+one query row per (sequence, head) over the cached keys and values. torch's general
+kernels do that well below memory speed on CPU: each small operation between the matrix
+products (norms, rotary embedding, SiLU) costs a dispatch and a pass over threads that
+are longer than its arithmetic, its matrix-vector product streams layer-sized weights
+~10% slower than a plain loop does, and its attention over many small matrices is slower
+still (a 16-row step of a 1.8B model spent 40-60 ms of ~220 in attention). The kernels:
+
+- :func:`linear_row`: ``F.linear`` of one row (a matrix-vector product with float32
+  accumulation, in parallel over output rows; AVX512-BF16 dot products where the CPU
+  has them);
+- :func:`swiglu_row`: the MLP's ``w1(x) * silu(w2(x))`` for one row, both products and
+  the gate in one pass;
+- :func:`rms_norm`: the model's RMSNorm (float32, rounded, times the weight);
+- :func:`rotary_qk`: the rotary embedding of one step's queries and keys;
+- :func:`decode_attention`: ``softmax(q k^T * scaling, masked) v`` per (row, head) in
+  float32 from the bf16 cache in place (no float copy of the cache), skipping masked
+  (padding) keys, in parallel over rows and heads.
+
+Each rounds to bf16 where the torch code it replaces does, so results differ from it
+only by the order of float32 sums (rarely a last bf16 bit).
 
 The C source below is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``,
-``-O3 -march=native -fopenmp``; about 0.2 s) the first time it is needed and cached
+``-O3 -march=native -fopenmp``; about 0.5 s) the first time it is needed and cached
 under ``$QWEN_KERNEL_CACHE`` (default ``~/.cache/qwen/kernels``; when that cannot be
 written, a private ``qwen-kernels-<uid>`` directory in the system's temporary directory,
 used only while it is the user's own and writable by nobody else), keyed by the source,
 the compiler and the CPU's feature flags. Without a compiler, or with
-``QWEN_CPU_KERNELS=0``, :func:`decode_attention` returns ``None`` and the model attends
-with torch as before. Results: float32 arithmetic throughout (as the model's own
-one-sequence path), the output rounded once to bf16 (round to nearest even).
+``QWEN_CPU_KERNELS=0``, every function here returns ``None`` and the model runs its torch
+code as before.
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -157,17 +171,137 @@ void qwen_decode_attention_bf16(const uint16_t *q, int64_t qs_b, int64_t qs_h,
         weighted_values(s, v + b * vs_b + h * vs_h, vs_l, L, D, acc, out + bh * D);
     }
 }
+
+/* sum_k w[k] x[k], float32 accumulation (bf16 products are exact in float32). */
+static inline float dot_bf16(const uint16_t *w, const uint16_t *x, int64_t K) {
+    int64_t k = 0;
+    float s = 0.f;
+#if defined(__AVX512BF16__)
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    for (; k + 64 <= K; k += 64) {
+        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(x + k));
+        b = _mm512_dpbf16_ps(b, (__m512bh)_mm512_loadu_si512(w + k + 32), (__m512bh)_mm512_loadu_si512(x + k + 32));
+    }
+    for (; k + 32 <= K; k += 32)
+        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(x + k));
+    s = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+#elif defined(__AVX512F__)
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    for (; k + 32 <= K; k += 32) {
+        a = _mm512_fmadd_ps(load16(w + k), load16(x + k), a);
+        b = _mm512_fmadd_ps(load16(w + k + 16), load16(x + k + 16), b);
+    }
+    s = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+#endif
+    float t = 0.f;
+    #pragma omp simd reduction(+:t)
+    for (int64_t i = k; i < K; i++) t += bf16_to_float(w[i]) * bf16_to_float(x[i]);
+    return s + t;
+}
+
+static inline float row_out(const uint16_t *W, int64_t ldw, const uint16_t *x, const uint16_t *bias,
+                            int64_t n, int64_t K) {
+    float s = dot_bf16(W + n * ldw, x, K);
+    return bias ? s + bf16_to_float(bias[n]) : s;
+}
+
+/* One row: out = bf16(bf16(x * rsqrt(mean(x^2) + eps)) * w), float32 inside. */
+static void norm_row(const uint16_t *x, const uint16_t *w, float eps, int64_t H, uint16_t *out) {
+    float ss = 0.f;
+    #pragma omp simd reduction(+:ss)
+    for (int64_t i = 0; i < H; i++) ss += bf16_to_float(x[i]) * bf16_to_float(x[i]);
+    float inv = 1.f / sqrtf(ss / (float)H + eps);
+    for (int64_t i = 0; i < H; i++)
+        out[i] = float_to_bf16(bf16_to_float(float_to_bf16(bf16_to_float(x[i]) * inv)) * bf16_to_float(w[i]));
+}
+
+/* out[n] = bf16(W[n, :] . x + bias[n]) for one row x of K; W rows ldw apart; bias may be NULL.
+   With norm_w (else NULL), x is first normalized as norm_row does (into scratch, K values).
+   With residual (else NULL): out[n] = bf16(residual[n] + that), torch's residual + linear(x).
+   Each thread streams one contiguous block of rows. */
+void qwen_linear_row_bf16(const uint16_t *W, int64_t ldw, const uint16_t *x, const uint16_t *norm_w, float eps,
+                          const uint16_t *bias, const uint16_t *residual, uint16_t *out, int64_t N, int64_t K,
+                          int threads, uint16_t *scratch) {
+    if (norm_w) { norm_row(x, norm_w, eps, K, scratch); x = scratch; }
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        uint16_t y = float_to_bf16(row_out(W, ldw, x, bias, n, K));
+        out[n] = residual ? float_to_bf16(bf16_to_float(residual[n]) + bf16_to_float(y)) : y;
+    }
+}
+
+/* out[n] = bf16(a * bf16(silu(g))) with a = bf16(W1[n] . x + b1[n]), g = bf16(W2[n] . x + b2[n]):
+   torch's w1(x) * F.silu(w2(x)) in bf16, rounded at the same points; norm_w as in
+   qwen_linear_row_bf16. */
+void qwen_swiglu_row_bf16(const uint16_t *W1, int64_t ld1, const uint16_t *b1, const uint16_t *W2, int64_t ld2,
+                          const uint16_t *b2, const uint16_t *x, const uint16_t *norm_w, float eps, uint16_t *out,
+                          int64_t N, int64_t K, int threads, uint16_t *scratch) {
+    if (norm_w) { norm_row(x, norm_w, eps, K, scratch); x = scratch; }
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        float a = bf16_to_float(float_to_bf16(row_out(W1, ld1, x, b1, n, K)));
+        float g = bf16_to_float(float_to_bf16(row_out(W2, ld2, x, b2, n, K)));
+        float gate = bf16_to_float(float_to_bf16(g / (1.f + expf(-g))));
+        out[n] = float_to_bf16(a * gate);
+    }
+}
+
+/* out[r] = norm_row(x[r]) for rows xs apart. */
+void qwen_rms_norm_bf16(const uint16_t *x, int64_t xs, const uint16_t *w, uint16_t *out, int64_t rows,
+                        int64_t H, float eps, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static) if (rows * H >= 65536)
+    for (int64_t r = 0; r < rows; r++) norm_row(x + r * xs, w, eps, H, out + r * H);
+}
+
+/* One head vector with the rotary embedding (rotate-half convention) on its first rot dims,
+   in float32, rounded to bf16: x * cos + rotate_half(x) * sin, with sin signed (-sin on the
+   first half); the other dims copied. o may be x. */
+static void rotate_head(const uint16_t *x, const float *c, const float *s, int64_t D, int64_t rot, uint16_t *o) {
+    int64_t half = rot / 2;
+    uint16_t r[rot > 0 ? rot : 1];
+    for (int64_t d = 0; d < rot; d++) {
+        float partner = bf16_to_float(x[d < half ? d + half : d - half]);
+        float p = bf16_to_float(x[d]) * c[d], q = partner * s[d];
+        r[d] = float_to_bf16(p + q);
+    }
+    for (int64_t d = rot; d < D; d++) o[d] = x[d];
+    for (int64_t d = 0; d < rot; d++) o[d] = r[d];
+}
+
+/* One step's queries and keys with the rotary embedding: src [B, 2, H, D] (batch stride
+   src_b, contiguous inside), cos/sin [B, rot] float32 (batch stride cs_b), out [B, 2, H, D]
+   contiguous. */
+void qwen_rotary_qk_bf16(const uint16_t *src, int64_t src_b, const float *cos, const float *sin, int64_t cs_b,
+                         uint16_t *out, int64_t B, int64_t H, int64_t D, int64_t rot) {
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t j = 0; j < 2 * H; j++)
+            rotate_head(src + b * src_b + j * D, cos + b * cs_b, sin + b * cs_b, D, rot, out + (b * 2 * H + j) * D);
+}
+
+/* An attention block's input for one row: out [3, H, D] = the rotary embedding (on queries
+   and keys) of W . norm_row(x) + bias, as the model's ln_1, c_attn and rotary compute it. */
+void qwen_qkv_row_bf16(const uint16_t *W, int64_t ldw, const uint16_t *x, const uint16_t *norm_w, float eps,
+                       const uint16_t *bias, const float *cos, const float *sin, uint16_t *out, int64_t H,
+                       int64_t D, int64_t rot, int64_t K, int threads, uint16_t *scratch) {
+    qwen_linear_row_bf16(W, ldw, x, norm_w, eps, bias, 0, out, 3 * H * D, K, threads, scratch);
+    for (int64_t j = 0; j < 2 * H; j++) rotate_head(out + j * D, cos, sin, D, rot, out + j * D);
+}
 """
 
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-_SYMBOL = "qwen_decode_attention_bf16"
-_ARGTYPES = (
-    [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-    + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64] * 2
-    + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-    + [ctypes.c_int64] * 4
-    + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]
-)
+# -ffp-contract=off: a * b + c stays two roundings, as in torch's kernels (not one FMA)
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {  # Python name: (C symbol, argument types)
+    "decode_attention": (
+        "qwen_decode_attention_bf16",
+        [_P, _I, _I] + [_P, _I, _I, _I] * 2 + [_P, _I, _P] + [_I] * 4 + [_F, ctypes.c_int, _P],
+    ),
+    "linear_row": ("qwen_linear_row_bf16", [_P, _I, _P, _P, _F, _P, _P, _P, _I, _I, ctypes.c_int, _P]),
+    "swiglu_row": ("qwen_swiglu_row_bf16", [_P, _I, _P, _P, _I, _P, _P, _P, _F, _P, _I, _I, ctypes.c_int, _P]),
+    "qkv_row": ("qwen_qkv_row_bf16", [_P, _I, _P, _P, _F, _P, _P, _P, _P, _I, _I, _I, _I, ctypes.c_int, _P]),
+    "rms_norm": ("qwen_rms_norm_bf16", [_P, _I, _P, _P, _I, _I, _F, ctypes.c_int]),
+    "rotary_qk": ("qwen_rotary_qk_bf16", [_P, _I, _P, _P, _I, _P, _I, _I, _I, _I]),
+}
 
 
 def env_switched_off(name: str) -> bool:
@@ -230,7 +364,7 @@ def _build(compiler: str) -> Path:
     key = hashlib.sha256(
         "\0".join([_SOURCE, " ".join(_FLAGS), compiler, _cpu_signature(), sys.platform]).encode()
     ).hexdigest()[:24]
-    name = f"decode_attention_{key}.so"
+    name = f"cpu_kernels_{key}.so"
     if (cache_dir() / name).exists():
         return cache_dir() / name
     try:
@@ -249,7 +383,7 @@ def _compile(compiler: str, directory: Path, name: str) -> Path:
     target = directory / name
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        source = Path(tmp) / "decode_attention.c"
+        source = Path(tmp) / "cpu_kernels.c"
         source.write_text(_SOURCE)
         built = Path(tmp) / target.name
         result = subprocess.run(
@@ -262,30 +396,32 @@ def _compile(compiler: str, directory: Path, name: str) -> Path:
 
 
 @functools.cache
-def _kernel():
-    """The compiled kernel's ctypes function, or ``None`` (logged once) when it cannot be built."""
+def _kernel() -> SimpleNamespace | None:
+    """The compiled kernels as ctypes functions (attributes named as in ``_SIGNATURES``),
+    or ``None`` (logged once) when they cannot be built."""
     if not enabled():
         return None
     compiler = _compiler()
     if compiler is None:
-        logger.info("no C compiler found ($CC, cc, gcc, clang): decoding attention stays in torch")
+        logger.info("no C compiler found ($CC, cc, gcc, clang): one-row CPU steps stay in torch")
         return None
     try:
-        function = getattr(ctypes.CDLL(str(_build(compiler))), _SYMBOL)
+        library = ctypes.CDLL(str(_build(compiler)))
+        functions = {name: getattr(library, symbol) for name, (symbol, _) in _SIGNATURES.items()}
     except Exception as error:  # any failure only costs speed
         logger.warning(
-            "could not build the CPU decoding-attention kernel (%s); attention stays in torch "
-            "(QWEN_CPU_KERNELS=0 skips the attempt)",
+            "could not build the CPU kernels (%s); decoding steps stay in torch (QWEN_CPU_KERNELS=0 skips the attempt)",
             error,
         )
         return None
-    function.argtypes = _ARGTYPES
-    function.restype = None
-    return function
+    for name, function in functions.items():
+        function.argtypes = _SIGNATURES[name][1]
+        function.restype = None
+    return SimpleNamespace(**functions)
 
 
 def available() -> bool:
-    """Whether the kernel is built (or can be) and enabled; builds it on first call."""
+    """Whether the kernels are built (or can be) and enabled; builds them on first call."""
     return _kernel() is not None
 
 
@@ -323,11 +459,194 @@ def decode_attention(
         return None
     out = torch.empty((bsz, 1, heads, dim), dtype=query.dtype)
     scratch = torch.empty(bsz * heads * (length + 2 * dim), dtype=torch.float32)
-    kernel(
+    kernel.decode_attention(
         query.data_ptr(), query.stride(0), query.stride(1),
         key.data_ptr(), key.stride(0), key.stride(1), key.stride(2),
         value.data_ptr(), value.stride(0), value.stride(1), value.stride(2),
         None if keep is None else keep.data_ptr(), 0 if keep is None or keep.shape[0] == 1 else keep.stride(0),
         out.data_ptr(), bsz, heads, length, dim, float(scaling), torch.get_num_threads(), scratch.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
+def _ready(x: torch.Tensor) -> bool:
+    """A bf16 CPU tensor outside autograd and tracing: what every kernel here takes."""
+    return (
+        x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _matrix(weight: torch.Tensor, bias: torch.Tensor | None, n_in: int) -> bool:
+    """A bf16 (N, n_in) weight with contiguous rows and an optional contiguous (N,) bf16 bias."""
+    if weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.shape[1] != n_in or weight.stride(1) != 1:
+        return False
+    return bias is None or (bias.dtype == torch.bfloat16 and bias.shape == weight.shape[:1] and bias.stride(0) == 1)
+
+
+def _row(x: torch.Tensor) -> bool:
+    """One bf16 row (every dimension but the last of size 1) with a contiguous last dim."""
+    return _ready(x) and x.numel() == x.shape[-1] and x.stride(-1) == 1
+
+
+def _norm_args(norm: tuple[torch.Tensor, float] | None, n_in: int) -> tuple | None:
+    """ctypes arguments for an optional RMSNorm of the input row, ``norm = (weight, eps)``:
+    (weight pointer, eps, scratch tensor), or ``None`` when the weight does not fit."""
+    if norm is None:
+        return (None, 0.0, None)
+    weight, eps = norm
+    if weight.dtype != torch.bfloat16 or weight.shape != (n_in,) or weight.stride(0) != 1:
+        return None
+    return (weight.data_ptr(), float(eps), torch.empty(n_in, dtype=torch.bfloat16))
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def linear_row(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
+) -> torch.Tensor | None:
+    """``F.linear(x, weight, bias)`` for one bf16 row ``x`` (shape (..., K), one row in all),
+    or ``None`` when the kernel does not apply. ``norm = (weight, eps)`` first applies the
+    model's RMSNorm to ``x`` (:func:`rms_norm`); ``residual`` (one bf16 row of the output's
+    size) is added to the result, rounded as torch's ``residual + linear(x)``."""
+    if not _row(x) or not _matrix(weight, bias, x.shape[-1]):
+        return None
+    if residual is not None and (
+        residual.dtype != torch.bfloat16 or residual.numel() != weight.shape[0] or residual.stride(-1) != 1
+    ):
+        return None
+    n_out, n_in = weight.shape
+    normed = _norm_args(norm, n_in)
+    kernel = _kernel()
+    if kernel is None or normed is None:
+        return None
+    norm_weight, eps, scratch = normed
+    out = torch.empty((*x.shape[:-1], n_out), dtype=torch.bfloat16)
+    kernel.linear_row(
+        weight.data_ptr(), weight.stride(0), x.data_ptr(), norm_weight, eps, _ptr(bias), _ptr(residual),
+        out.data_ptr(), n_out, n_in, torch.get_num_threads(), _ptr(scratch),
+    )  # fmt: skip
+    return out
+
+
+def swiglu_row(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    norm: tuple[torch.Tensor, float] | None = None,
+) -> torch.Tensor | None:
+    """``F.linear(x, w1, b1) * F.silu(F.linear(x, w2, b2))`` for one bf16 row, rounded to bf16
+    where torch rounds it, or ``None`` when the kernel does not apply; ``norm`` as for
+    :func:`linear_row`."""
+    if not _row(x) or not _matrix(w1, b1, x.shape[-1]) or not _matrix(w2, b2, x.shape[-1]):
+        return None
+    if w1.shape != w2.shape:
+        return None
+    n_out, n_in = w1.shape
+    normed = _norm_args(norm, n_in)
+    kernel = _kernel()
+    if kernel is None or normed is None:
+        return None
+    norm_weight, eps, scratch = normed
+    out = torch.empty((*x.shape[:-1], n_out), dtype=torch.bfloat16)
+    kernel.swiglu_row(
+        w1.data_ptr(), w1.stride(0), _ptr(b1), w2.data_ptr(), w2.stride(0), _ptr(b2),
+        x.data_ptr(), norm_weight, eps, out.data_ptr(), n_out, n_in, torch.get_num_threads(), _ptr(scratch),
+    )  # fmt: skip
+    return out
+
+
+def qkv_row(
+    x: torch.Tensor,
+    norm: tuple[torch.Tensor, float],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    cos: torch.Tensor,
+    signed_sin: torch.Tensor,
+    heads: int,
+) -> torch.Tensor | None:
+    """An attention block's input for one bf16 row ``x`` (1, 1, K): the model's RMSNorm
+    (``norm = (weight, eps)``), the ``c_attn`` product (``weight``, ``bias``) and the rotary
+    embedding of queries and keys (``cos``/``signed_sin`` (1, 1, 1, 1, rot) float32, as
+    :func:`qwen.modeling_qwen.rotary_tables` makes them) -> (1, 1, 3, heads, D), or ``None``
+    when the kernel does not apply."""
+    if not _row(x) or x.shape[:-1] != (1, 1) or not _matrix(weight, bias, x.shape[-1]):
+        return None
+    n_out, n_in = weight.shape
+    dim = n_out // (3 * heads) if heads > 0 else 0
+    rot = cos.shape[-1]
+    if dim == 0 or 3 * heads * dim != n_out or rot % 2 or rot > dim:
+        return None
+    if cos.dtype != torch.float32 or signed_sin.dtype != torch.float32 or cos.shape != signed_sin.shape:
+        return None
+    if cos.numel() != rot or not cos.is_contiguous() or not signed_sin.is_contiguous():
+        return None
+    normed = _norm_args(norm, n_in)
+    kernel = _kernel()
+    if kernel is None or normed is None or normed[0] is None:
+        return None
+    norm_weight, eps, scratch = normed
+    out = torch.empty((1, 1, 3, heads, dim), dtype=torch.bfloat16)
+    kernel.qkv_row(
+        weight.data_ptr(), weight.stride(0), x.data_ptr(), norm_weight, eps, _ptr(bias), cos.data_ptr(),
+        signed_sin.data_ptr(), out.data_ptr(), heads, dim, rot, n_in, torch.get_num_threads(), scratch.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """``F.rms_norm(x.float(), eps).to(bf16) * weight`` for bf16 ``x`` and ``weight``, or
+    ``None`` when the kernel does not apply."""
+    hidden = x.shape[-1] if x.dim() else 0
+    if not _ready(x) or hidden == 0 or x.stride(-1) != 1:
+        return None
+    if weight.dtype != torch.bfloat16 or weight.shape != (hidden,) or weight.stride(0) != 1:
+        return None
+    kernel = _kernel()
+    if kernel is None:
+        return None
+    rows = x.reshape(-1, hidden)  # a view wherever the rows are evenly spaced
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    kernel.rms_norm(
+        rows.data_ptr(), rows.stride(0), weight.data_ptr(), out.data_ptr(), rows.shape[0], hidden, float(eps),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def rotary_qk(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor | None:
+    """:func:`qwen.modeling_qwen.apply_rotary` of one step's queries and keys: ``qk`` a
+    (B, 1, 2, H, D) bf16 view (of the (B, 1, 3, H, D) projection), ``cos``/``signed_sin``
+    (B or 1, 1, 1, 1, rot) float32; -> a new contiguous (B, 1, 2, H, D) tensor, or ``None``
+    when the kernel does not apply."""
+    if not _ready(qk) or qk.dim() != 5 or qk.shape[1] != 1 or qk.shape[2] != 2:
+        return None
+    bsz, _, _, heads, dim = qk.shape
+    if qk.stride(4) != 1 or qk.stride(3) != dim or qk.stride(2) != heads * dim:
+        return None
+    rot = cos.shape[-1]
+    if cos.dtype != torch.float32 or signed_sin.dtype != torch.float32 or cos.shape != signed_sin.shape:
+        return None
+    if cos.dim() != 5 or cos.shape[0] not in (1, bsz) or cos.shape[1:4] != (1, 1, 1):
+        return None
+    if rot % 2 or rot > dim or cos.stride(-1) != 1 or cos.stride() != signed_sin.stride():
+        return None
+    kernel = _kernel()
+    if kernel is None:
+        return None
+    out = torch.empty((bsz, 1, 2, heads, dim), dtype=torch.bfloat16)
+    kernel.rotary_qk(
+        qk.data_ptr(), qk.stride(0), cos.data_ptr(), signed_sin.data_ptr(),
+        cos.stride(0) if cos.shape[0] > 1 else 0, out.data_ptr(), bsz, heads, dim, rot,
     )  # fmt: skip
     return out

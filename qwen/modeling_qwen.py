@@ -40,7 +40,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_qwen import PRECISION_FLAGS, QWenConfig
-from .cpu_kernels import decode_attention, env_switched_off
+from .cpu_kernels import decode_attention, env_switched_off, linear_row, qkv_row, rms_norm, rotary_qk, swiglu_row
 from .kv_cache import CACHE_KWARG, Int8KVCache, grow_in_place, make_cache, use_int8_cache_for_generation
 from .qwen_generation_utils import QWenChatMixin, StopWordsCriteria
 
@@ -284,7 +284,8 @@ class QWenLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype and cpu_half_inference(x):
             if x.numel() == x.shape[-1]:
-                return one_row_linear(x, self.weight, self.bias)
+                out = linear_row(x, self.weight, self.bias)  # the C kernel (bf16; None where it does not apply)
+                return one_row_linear(x, self.weight, self.bias) if out is None else out
             if self._packed is not None and x.numel() <= 2 * self._packed_rows * x.shape[-1]:
                 if self._packed_key == _weight_key(self.weight):
                     return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
@@ -335,6 +336,9 @@ class QWenRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = rms_norm(x, self.weight, self.eps)  # the C kernel: bf16 inference on CPU, else None
+        if out is not None:
+            return out
         # x * rsqrt(mean(x^2) + eps) in float32 (torch's fused kernel), cast back, times the weight
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return h.to(x.dtype) * self.weight
@@ -376,7 +380,37 @@ class QWenMLP(nn.Module):
         self.c_proj = QWenLinear(width, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _plain_linear(self.w1) and _plain_linear(self.w2):
+            # one row (a decoding step) in bf16 on CPU: both products and the gate in one C call
+            gated = swiglu_row(x, self.w1.weight, self.w1.bias, self.w2.weight, self.w2.bias)
+            if gated is not None:
+                return self.c_proj(gated)
         return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
+
+
+_BUILT_CLASSES: frozenset = frozenset()  # filled below, once the module classes exist
+
+
+def _as_built(module: nn.Module) -> bool:
+    """A module of this file's own class (not replaced by an adapter's or quantizer's), with
+    no hooks and no patched forward: calling it runs exactly this file's code."""
+    return (
+        type(module) in _BUILT_CLASSES
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and "forward" not in module.__dict__
+    )
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """A ``QWenLinear`` as built: calling it is exactly ``F.linear`` with its weight and bias."""
+    return type(module) is QWenLinear and _as_built(module)
+
+
+def _global_module_hooks() -> bool:
+    """Whether forward hooks for every module are registered (``nn.modules.module.register_module_forward_hook``)."""
+    hooks = nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
 
 
 def eager_attention(
@@ -444,7 +478,10 @@ class QWenAttention(nn.Module):
     ) -> torch.Tensor:
         bsz, q_len, _ = hidden_states.shape
         qkv = self.c_attn(hidden_states).view(bsz, q_len, 3, self.num_heads, self.head_dim)
-        query, key = apply_rotary(qkv[:, :, :2], *rotary).unbind(dim=2)  # both in one pass
+        rotated = rotary_qk(qkv[:, :, :2], *rotary) if q_len == 1 else None  # the C kernel (bf16 CPU)
+        if rotated is None:
+            rotated = apply_rotary(qkv[:, :, :2], *rotary)  # queries and keys in one pass
+        query, key = rotated.unbind(dim=2)
         value = qkv[:, :, 2]
         if logn is not None:
             query = query * logn[:, :, None, None].to(query.dtype)
@@ -473,14 +510,7 @@ class QWenAttention(nn.Module):
             # more than it saves, 0.34 s vs 0.31 s.
             # The C kernel of cpu_kernels.py (bf16, built on first use) attends in float32
             # straight from the bf16 cache: 2-4x faster than these torch paths.
-            out = decode_attention(query, key, value, attention_mask, self.scaling)
-            if out is not None:
-                return self.c_proj(out.reshape(bsz, q_len, -1))
-            dtype = query.dtype if bsz > 1 and cpu_has_native(query.dtype) else torch.float32
-            out, _ = eager_attention(
-                self, query.to(dtype), key.to(dtype), value.to(dtype), attention_mask, scaling=self.scaling
-            )
-            return self.c_proj(out.to(query.dtype).reshape(bsz, q_len, -1))
+            return self.c_proj(self.attend_one_row(query, key, value, attention_mask))
         out, _ = interface(
             self,
             query,
@@ -493,6 +523,21 @@ class QWenAttention(nn.Module):
             **kwargs,
         )
         return self.c_proj(out.reshape(bsz, q_len, -1))
+
+    def attend_one_row(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One query row per sequence over the cache, half precision on CPU, no grad:
+        (B, H, 1, d) -> (B, 1, H * d), through the C kernel where it applies."""
+        bsz = query.shape[0]
+        out = decode_attention(query, key, value, attention_mask, self.scaling)
+        if out is not None:
+            return out.reshape(bsz, 1, -1)
+        dtype = query.dtype if bsz > 1 and cpu_has_native(query.dtype) else torch.float32
+        out, _ = eager_attention(
+            self, query.to(dtype), key.to(dtype), value.to(dtype), attention_mask, scaling=self.scaling
+        )
+        return out.to(query.dtype).reshape(bsz, 1, -1)
 
 
 class QWenBlock(GradientCheckpointingLayer):
@@ -512,8 +557,54 @@ class QWenBlock(GradientCheckpointingLayer):
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        if hidden_states.shape[:2] == (1, 1) and logn is None and past_key_values is not None:
+            out = self.one_row_step(hidden_states, rotary, attention_mask, past_key_values)
+            if out is not None:
+                return out
         h = hidden_states + self.attn(self.ln_1(hidden_states), rotary, logn, attention_mask, past_key_values, **kwargs)
         return h + self.mlp(self.ln_2(h))
+
+    def one_row_step(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache,
+    ) -> torch.Tensor | None:
+        """The block for one bf16 row on CPU (a one-sequence decoding step) in five C
+        calls (cpu_kernels.py): ln_1 + c_attn + rotary; attention over the cache; c_proj
+        + the residual; ln_2 + w1/w2 + gate; the MLP's c_proj + the residual. The same
+        arithmetic as the modules, rounded at the same points; between the matrix
+        products, whose weights stream through the CPU's caches, nothing is left for
+        Python to do but the cache update. ``None`` (nothing done) unless every
+        submodule is as built (no adapter, quantizer or hook) and the kernels apply."""
+        attn, mlp = self.attn, self.mlp
+        if self.training or isinstance(cache, Int8KVCache) or attn.config._attn_implementation != "sdpa":
+            return None
+        parts = (self, self.ln_1, attn, attn.c_attn, attn.c_proj, self.ln_2, mlp, mlp.w1, mlp.w2, mlp.c_proj)
+        if not all(_as_built(module) for module in parts) or _global_module_hooks():
+            return None
+        qkv = qkv_row(
+            x, (self.ln_1.weight, self.ln_1.eps), attn.c_attn.weight, attn.c_attn.bias, *rotary, attn.num_heads
+        )
+        if qkv is None:
+            return None
+        query, key, value = (t.transpose(1, 2) for t in qkv.unbind(dim=2))
+        key, value = cache.update(key, value, attn.layer_idx)
+        out = attn.attend_one_row(query, key, value, attention_mask)
+        h = linear_row(out, attn.c_proj.weight, attn.c_proj.bias, residual=x)
+        if h is None:
+            h = x + attn.c_proj(out)
+        gated = swiglu_row(
+            h, mlp.w1.weight, mlp.w1.bias, mlp.w2.weight, mlp.w2.bias, norm=(self.ln_2.weight, self.ln_2.eps)
+        )
+        if gated is None:
+            return h + mlp(self.ln_2(h))
+        out = linear_row(gated, mlp.c_proj.weight, mlp.c_proj.bias, residual=h)
+        return h + mlp.c_proj(gated) if out is None else out
+
+
+_BUILT_CLASSES = frozenset({QWenLinear, QWenRMSNorm, QWenAttention, QWenMLP, QWenBlock})
 
 
 # --------------------------------------------------------------------------- models

@@ -14,12 +14,21 @@ from transformers import AutoModelForCausalLM, StaticCache
 from transformers.generation import CompileConfig
 
 import qwen  # noqa: F401
+from qwen import cpu_kernels
 from qwen.kv_cache import CACHE_KWARG
 from qwen.modeling_qwen import CPU_COMPILE_OPTIONS, onednn_off_for_one_row_step
 
 
 def load(path, dtype):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+@pytest.fixture
+def torch_kernels_only(monkeypatch):
+    """Eager steps through torch's kernels, as the traced graph: the C kernels of
+    cpu_kernels.py (which compiled steps do not use) sum some products in another order
+    (test_cpu_kernels compares them with torch's)."""
+    monkeypatch.setattr(cpu_kernels, "_kernel", lambda: None)
 
 
 def recording_backend(graphs: list):
@@ -43,7 +52,7 @@ def one_row_linear_calls(gm) -> int:
     [(torch.float32, 80), (torch.bfloat16, 80), (torch.bfloat16, 12)],
     ids=["fp32-beyond-seq-length", "bf16-beyond-seq-length", "bf16"],
 )
-def test_decode_step_traces_into_one_graph(tiny_dir, dtype, prompt):
+def test_decode_step_traces_into_one_graph(tiny_dir, dtype, prompt, torch_kernels_only):
     """A decoding step over a static cache traces into one graph (``fullgraph``: no break
     on the dynamic-NTK choice, the logN factors or the one-row products), computes what
     the eager step computes, and in half precision keeps every one-row product as the
@@ -132,7 +141,7 @@ def test_one_row_linear_operator_equals_the_eager_product():
 
 
 @torch.no_grad()
-def test_generate_runs_one_row_steps_compiled_without_onednn(tiny_dir):
+def test_generate_runs_one_row_steps_compiled_without_onednn(tiny_dir, torch_kernels_only):
     """Through ``generate``, a one-row bf16 step on CPU runs its compiled graph with oneDNN
     switched off as a whole and its products as plain linears in the graph (the operator's
     round trip costs ~10% of a compiled step); the recording backend runs the graph as

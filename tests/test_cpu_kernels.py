@@ -1,4 +1,4 @@
-"""The C kernel for a decoding step's attention on CPU (qwen/cpu_kernels.py)."""
+"""The C kernels for one-row (decoding) steps on CPU in bf16 (qwen/cpu_kernels.py)."""
 
 from __future__ import annotations
 
@@ -99,6 +99,197 @@ def test_decode_attention_declines_what_it_does_not_handle():
         assert cpu_kernels.decode_attention(q, k, v, None, 0.25) is None
 
 
+def bf16_ulp(t: torch.Tensor) -> torch.Tensor:
+    """One bf16 unit in the last place at each value of ``t`` (a bf16 tensor)."""
+    exponent = torch.frexp(t.float().abs().clamp(min=2.0**-126))[1]
+    return torch.ldexp(torch.ones_like(t, dtype=torch.float64), (exponent - 8).to(torch.int64))
+
+
+def assert_torch_rounding(out: torch.Tensor, expected: torch.Tensor) -> None:
+    """The kernel rounds where torch's code rounds: equal to torch's bf16 result but for a
+    float32 sum taken in another order, which moves a rounding rarely and by one unit."""
+    assert out.dtype == expected.dtype == torch.bfloat16 and out.shape == expected.shape
+    diff = (out.double() - expected.double()).abs()
+    assert bool((diff <= bf16_ulp(expected)).all()), f"worst {diff.max().item():.3g}"
+    assert (out != expected).double().mean().item() <= 0.01
+
+
+@needs_compiler
+@torch.inference_mode()
+@pytest.mark.parametrize("n_out,n_in", [(300, 2048), (7, 100), (33, 37)])  # 2048: whole 64-wide blocks; 100, 37: tails
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_row_matches_float64(n_out, n_in, with_bias):
+    g = torch.Generator().manual_seed(n_out + n_in)
+    wide = (torch.randn(n_out, n_in + 6, generator=g) * 0.05).bfloat16()
+    weight = wide[:, 3 : 3 + n_in]  # rows further apart than they are long
+    bias = torch.randn(n_out, generator=g).bfloat16() if with_bias else None
+    x = torch.randn(1, 1, n_in, generator=g).bfloat16()
+    out = cpu_kernels.linear_row(x, weight, bias)
+    assert out is not None and out.shape == (1, 1, n_out)
+    exact = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+    assert_rounded_from(out, exact)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert_torch_rounding(out, torch.nn.functional.linear(x, weight, bias))
+
+
+@needs_compiler
+@torch.inference_mode()
+@pytest.mark.parametrize("n_in", [2048, 100])
+def test_swiglu_row_rounds_as_torch(n_in):
+    g = torch.Generator().manual_seed(n_in)
+    w1, w2 = ((torch.randn(260, n_in, generator=g) * 0.02).bfloat16() for _ in range(2))
+    b1, b2 = ((torch.randn(260, generator=g) * 0.5).bfloat16() for _ in range(2))
+    x = torch.randn(1, n_in, generator=g).bfloat16()
+    for bias1, bias2 in ((None, None), (b1, b2)):
+        out = cpu_kernels.swiglu_row(x, w1, bias1, w2, bias2)
+        with torch.backends.mkldnn.flags(enabled=False):
+            F = torch.nn.functional
+            expected = F.linear(x, w1, bias1) * F.silu(F.linear(x, w2, bias2))
+        assert_torch_rounding(out, expected)
+        # against float64: both products, the gate and the result each rounded to bf16 once
+        # (2**-9 each; the gate's error grows up to (1 + |g|)-fold through silu, |g| < 5 here)
+        up = x.double() @ w1.double().T + (0 if bias1 is None else bias1.double())
+        gate = x.double() @ w2.double().T + (0 if bias2 is None else bias2.double())
+        assert gate.abs().max() < 5
+        exact = up * gate * torch.sigmoid(gate)
+        assert bool(((out.double() - exact).abs() <= exact.abs() * 2**-5 + 1e-4).all())
+
+
+@needs_compiler
+@torch.inference_mode()
+@pytest.mark.parametrize("shape", [(1, 1, 2048), (3, 5, 24), (2, 200, 512)])  # the last one: threads split rows
+def test_rms_norm_matches_the_model_norm(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(*shape, generator=g) * 4).bfloat16()
+    weight = torch.randn(shape[-1], generator=g).bfloat16()
+    out = cpu_kernels.rms_norm(x, weight, 1e-6)
+    x64 = x.double()
+    normed = x64 * (x64.pow(2).mean(-1, keepdim=True) + 1e-6).rsqrt()
+    # two roundings (the normed value, then its product with the weight), each within half a unit
+    exact = normed * weight.double()
+    assert bool(((out.double() - exact).abs() <= exact.abs() * 2**-7 + 1e-6).all())
+    norm = modeling_qwen.QWenRMSNorm(shape[-1], eps=1e-6).bfloat16()
+    norm.weight.copy_(weight)
+    torch_norm = torch.nn.functional.rms_norm(x.float(), (shape[-1],), eps=1e-6).to(torch.bfloat16) * weight
+    assert_torch_rounding(out, torch_norm)
+    assert torch.equal(norm(x), out)  # the module uses the kernel
+    # rows that are a strided view (every other row of a larger tensor)
+    strided = (torch.randn(2 * shape[0], *shape[1:], generator=g) * 4).bfloat16()[::2]
+    assert torch.equal(
+        cpu_kernels.rms_norm(strided, weight, 1e-6), cpu_kernels.rms_norm(strided.contiguous(), weight, 1e-6)
+    )
+
+
+@needs_compiler
+@torch.inference_mode()
+@pytest.mark.parametrize("dim,rot", [(128, 128), (128, 64), (24, 16)])  # rotary_pct 1, 0.5, and a small head
+def test_rotary_qk_equals_apply_rotary(dim, rot):
+    g = torch.Generator().manual_seed(dim + rot)
+    qkv = (torch.randn(2, 1, 3, 4, dim, generator=g) * 3).bfloat16()
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot)
+    for positions in (torch.tensor([[5], [700]]), torch.tensor([[9]])):  # a row each; one row for the batch
+        freqs = positions.float()[..., None] * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+        cos, signed_sin = modeling_qwen.rotary_tables(emb.cos(), emb.sin())
+        out = cpu_kernels.rotary_qk(qkv[:, :, :2], cos, signed_sin)
+        # the same float32 operations as torch's (no fused multiply-add): equal
+        assert torch.equal(out, modeling_qwen.apply_rotary(qkv[:, :, :2], cos, signed_sin))
+        # and the rotation itself, against float64
+        x = qkv[:, :, :2].double()
+        half = rot // 2
+        rotated = torch.cat((-x[..., half:rot], x[..., :half]), dim=-1)
+        c, s = (t.double().expand(2, -1, -1, -1, -1) for t in (emb.cos()[:, :, None], emb.sin()[:, :, None]))
+        exact = torch.cat((x[..., :rot] * c + rotated * s, x[..., rot:]), dim=-1)
+        assert_rounded_from(out, exact)
+
+
+@torch.inference_mode()
+def test_one_row_kernels_decline_what_they_do_not_handle():
+    w, x = torch.randn(8, 16).bfloat16(), torch.randn(1, 16).bfloat16()
+    declined = [
+        lambda: cpu_kernels.linear_row(x.half(), w.half(), None),  # fp16
+        lambda: cpu_kernels.linear_row(torch.randn(2, 16).bfloat16(), w, None),  # two rows
+        lambda: cpu_kernels.linear_row(x, w.T.contiguous().T, None),  # weight columns not contiguous
+        lambda: cpu_kernels.linear_row(x, w, torch.zeros(8)),  # a float32 bias
+        lambda: cpu_kernels.linear_row(x, torch.randn(8, 15).bfloat16(), None),  # sizes disagree
+        lambda: cpu_kernels.swiglu_row(x, w, None, torch.randn(9, 16).bfloat16(), None),  # two widths
+        lambda: cpu_kernels.rms_norm(x.float(), w[0], 1e-6),  # float32
+        lambda: cpu_kernels.rms_norm(x, w[0].float(), 1e-6),  # float32 weight
+        lambda: cpu_kernels.rotary_qk(
+            torch.randn(1, 2, 2, 1, 16).bfloat16(), *[torch.ones(1, 1, 1, 1, 16)] * 2
+        ),  # two rows
+        lambda: cpu_kernels.rotary_qk(
+            torch.randn(1, 1, 2, 1, 16).bfloat16(), *[torch.ones(1, 1, 1, 1, 16).double()] * 2
+        ),
+    ]
+    for call in declined:
+        assert call() is None
+    with torch.enable_grad():
+        assert cpu_kernels.linear_row(x, w, None) is None
+        assert cpu_kernels.rms_norm(x, w[0], 1e-6) is None
+
+
+@needs_compiler
+@torch.no_grad()
+def test_decoding_step_runs_through_the_kernels(head128_dir, monkeypatch):
+    """A one-sequence bf16 decoding step on CPU runs each block in five C calls (ln_1 +
+    c_attn + rotary; attention; c_proj + residual; ln_2 + w1/w2 + gate; c_proj + residual)
+    and gives exactly the logits of the blocks' modules (which use the kernels one by
+    one), and those of the torch path up to bf16 rounding noise. A block with a hook on
+    one of its modules (as adapters and quantizers add) runs through its modules, and
+    the hook fires."""
+    model = AutoModelForCausalLM.from_pretrained(head128_dir, dtype=torch.bfloat16).eval()
+    layers = model.config.num_hidden_layers
+    names = ["qkv_row", "linear_row", "swiglu_row", "rms_norm", "rotary_qk", "decode_attention"]
+    real = {name: getattr(modeling_qwen, name) for name in names}
+    calls = dict.fromkeys(names, 0)
+
+    def counting(name):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real[name](*args, **kwargs)
+
+        return call
+
+    def use(kernels: bool):
+        for name in names:
+            monkeypatch.setattr(modeling_qwen, name, counting(name) if kernels else lambda *a, **k: None)
+
+    ids = rand_ids(1, 30, seed=6)
+
+    def step():
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :-1], past_key_values=cache, use_cache=True)
+        calls.update(dict.fromkeys(names, 0))
+        return model(ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1].float()
+
+    use(kernels=True)
+    fused = step()
+    # per block: qkv_row, attention, linear_row twice, swiglu_row; then ln_f and lm_head
+    assert calls == {
+        "qkv_row": layers, "decode_attention": layers, "linear_row": 2 * layers + 1,
+        "swiglu_row": layers, "rms_norm": 1, "rotary_qk": 0,
+    }  # fmt: skip
+    monkeypatch.setattr(modeling_qwen.QWenBlock, "one_row_step", lambda *args: None)
+    modules = step()
+    assert calls["rotary_qk"] == layers and calls["rms_norm"] == 2 * layers + 1
+    assert torch.equal(fused, modules)  # the same roundings
+    monkeypatch.undo()
+    use(kernels=False)
+    torch_path = step()
+    whole = model(ids).logits[:, -1].float()
+    spread = (whole - torch_path).abs().max().item()  # SDPA's whole-sequence forward: as far off
+    assert (fused - torch_path).abs().max().item() <= spread + 2e-2
+
+    use(kernels=True)
+    seen = []
+    model.transformer.h[0].mlp.w1.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    assert torch.equal(step(), fused)
+    assert calls["qkv_row"] == layers - 1 and calls["swiglu_row"] == layers - 1
+    width = model.config.intermediate_size // 2
+    assert seen == [(1, 29, width), (1, 1, width)]  # the prefill, then the step
+
+
 @pytest.fixture
 def fresh_kernel():
     """Forget the process's kernel before and after the test (its environment differs)."""
@@ -111,7 +302,7 @@ def fresh_kernel():
 def test_kernel_is_built_once_and_cached(tmp_path, monkeypatch, fresh_kernel):
     monkeypatch.setenv("QWEN_KERNEL_CACHE", str(tmp_path / "kernels"))
     assert cpu_kernels.available()
-    built = list((tmp_path / "kernels").glob("decode_attention_*.so"))
+    built = list((tmp_path / "kernels").glob("cpu_kernels_*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
     cpu_kernels._kernel.cache_clear()
@@ -134,7 +325,7 @@ def test_without_the_kernel_the_model_attends_in_torch(tmp_path, monkeypatch, ti
         monkeypatch.setenv("QWEN_CPU_KERNELS", "0")
     assert not cpu_kernels.available()
     if setting == "failing compiler":
-        assert "could not build the CPU decoding-attention kernel" in caplog.text
+        assert "could not build the CPU kernels" in caplog.text
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16).eval()
     ids = rand_ids(1, 6)
     with torch.inference_mode():
@@ -207,7 +398,7 @@ def test_unwritable_cache_falls_back_to_a_private_temporary_directory(tmp_path, 
     (tmp_path / "tmp").mkdir()
     assert cpu_kernels.available()
     private = tmp_path / "tmp" / f"qwen-kernels-{os.getuid()}"
-    assert len(list(private.glob("decode_attention_*.so"))) == 1
+    assert len(list(private.glob("cpu_kernels_*.so"))) == 1
     assert private.stat().st_mode & 0o777 == 0o700
     # a fallback directory others can write to is not trusted
     private.chmod(0o777)

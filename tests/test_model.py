@@ -421,10 +421,14 @@ def test_cpu_fp32_matmul_path_matches_half_precision_kernel(monkeypatch, dtype, 
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_one_row_half_matmul_skips_onednn(monkeypatch, dtype):
-    """A one-row half-precision CPU matmul runs torch's GEMV with oneDNN switched off (its
-    GEMV is much slower on CPUs with native bf16), accumulates exactly in float32, and
-    leaves the global oneDNN switch as it was, also when the product raises."""
+    """Without the C kernel (bf16; test_cpu_kernels), a one-row half-precision CPU matmul
+    runs torch's GEMV with oneDNN switched off (its GEMV is much slower on CPUs with
+    native bf16), accumulates exactly in float32, and leaves the global oneDNN switch as
+    it was, also when the product raises."""
+    from qwen import modeling_qwen
     from qwen.modeling_qwen import QWenLinear
+
+    monkeypatch.setattr(modeling_qwen, "linear_row", lambda *a, **k: None)
 
     seen = []
     real = torch.nn.functional.linear
