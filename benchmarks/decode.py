@@ -6,8 +6,9 @@ Runs, alternating, in fresh processes (every model run between two probe runs):
                cache_implementation="static", compile_config=CompileConfig())`` (after
                one untimed ``generate`` that compiles them);
   * ``qwen2``  ``transformers.Qwen2ForCausalLM`` on the same weights in the Qwen2 layout;
-  * ``probe``  the fastest bf16 GEMV torch offers here (one-row ``F.linear``, with and
-               without oneDNN, in 4 KiB and in huge pages) over a matrix the size
+  * ``probe``  the fastest bf16 GEMV on offer here (one-row ``F.linear``, with and
+               without oneDNN, in 4 KiB and in huge pages, and this package's C
+               kernel) over a matrix the size
                of ``lm_head`` -> memory bandwidth, and from it the decode bound
                ``bandwidth / bytes read per token``;
 then, once each, ``interleaved`` and ``interleaved-compiled``: this package's decode steps
@@ -166,6 +167,19 @@ def bytes_per_token(layers: int, hidden: int, intermediate_size: int, vocab: int
     return 2 * (layers * per_layer + hidden + vocab * hidden)
 
 
+def kernel_gemv(x, matrix):
+    """The probe's GEMV through this package's C kernel (:func:`qwen.cpu_kernels.linear_row`,
+    what its bf16 decoding steps use), or ``None`` where that kernel is not built: the probe
+    takes the fastest GEMV on offer, so the bound never rests on a slower kernel than the
+    model's own."""
+    import torch
+
+    from qwen.cpu_kernels import linear_row
+
+    with torch.inference_mode():
+        return linear_row(x, matrix, None)
+
+
 def probe_matrices(rows: int, cols: int) -> list:
     """The probe's random bf16 matrix, and the same in memory advised for transparent huge
     pages where this machine has them (this package loads its weights there)."""
@@ -178,12 +192,13 @@ def probe_matrices(rows: int, cols: int) -> list:
 
 
 def run_probe(path: Path) -> dict:
-    """The fastest bf16 GEMV torch offers here, over a matrix the size of ``lm_head``.
+    """The fastest bf16 GEMV on offer here, over a matrix the size of ``lm_head``.
 
-    Up to three forms, best taken: a one-row ``F.linear`` as torch dispatches it (oneDNN
+    Up to four forms, best taken: a one-row ``F.linear`` as torch dispatches it (oneDNN
     on CPUs with native bf16) and the same with oneDNN switched off (torch's own GEMV
-    kernel), over the matrix in torch's own memory (4 KiB pages); and the latter over the
-    matrix in huge pages (:func:`probe_matrices`).
+    kernel), over the matrix in torch's own memory (4 KiB pages); the latter over the
+    matrix in huge pages (:func:`probe_matrices`); and this package's C kernel
+    (:func:`kernel_gemv`) over the same.
     """
     import torch
     import torch.nn.functional as F
@@ -193,14 +208,14 @@ def run_probe(path: Path) -> dict:
     matrices = probe_matrices(v, h)
     x = torch.randn(1, h).to(torch.bfloat16)
 
-    def gb_s(matrix) -> float:
+    def gb_s(matrix, gemv=F.linear) -> float:
         times = []
         with torch.inference_mode():
             for _ in range(3):
-                F.linear(x, matrix)
+                gemv(x, matrix)
             for _ in range(15):
                 t = time.perf_counter()
-                F.linear(x, matrix)
+                gemv(x, matrix)
                 times.append(time.perf_counter() - t)
         return matrix.numel() * 2 / statistics.median(times) / 1e9
 
@@ -208,7 +223,8 @@ def run_probe(path: Path) -> dict:
     with torch.backends.mkldnn.flags(enabled=False):
         no_onednn = gb_s(matrices[0])
         huge_no_onednn = gb_s(matrices[1]) if len(matrices) > 1 else None
-    gbs = max(default, no_onednn, huge_no_onednn or 0.0)
+    kernel = gb_s(matrices[-1], kernel_gemv) if kernel_gemv(x, matrices[-1]) is not None else None
+    gbs = max(default, no_onednn, huge_no_onednn or 0.0, kernel or 0.0)
     read = bytes_per_token(cfg["num_hidden_layers"], h, cfg["intermediate_size"], v)
     total = read + 2 * v * h
     return {
@@ -217,6 +233,7 @@ def run_probe(path: Path) -> dict:
         "gemv_default_gb_s": round(default, 2),
         "gemv_no_onednn_gb_s": round(no_onednn, 2),
         "gemv_no_onednn_huge_pages_gb_s": None if huge_no_onednn is None else round(huge_no_onednn, 2),
+        "gemv_c_kernel_gb_s": None if kernel is None else round(kernel, 2),
         "bytes_per_token_gb": round(read / 1e9, 3),
         "decode_bound_tok_s": round(gbs * 1e9 / read, 3),
         "decode_bound_all_weights_tok_s": round(gbs * 1e9 / total, 3),
@@ -256,6 +273,9 @@ def run_interleaved(path: Path, prompt_len: int, steps: int, compiled: bool = Fa
         kwargs = {CACHE_KWARG: cache, "use_cache": True, "position_ids": torch.tensor([[position]])}
         return forward(token, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
 
+    probes = [(F.linear, matrix) for matrix in matrices]
+    if kernel_gemv(x, matrices[-1]) is not None:
+        probes.append((kernel_gemv, matrices[-1]))
     ratios, step_s, gb_s = [], [], []
     with torch.inference_mode():
         if compiled:
@@ -271,9 +291,9 @@ def run_interleaved(path: Path, prompt_len: int, steps: int, compiled: bool = Fa
             step = time.perf_counter() - t
             best = float("inf")
             with torch.backends.mkldnn.flags(enabled=False):
-                for matrix in matrices:
+                for gemv, matrix in probes:
                     t = time.perf_counter()
-                    F.linear(x, matrix)
+                    gemv(x, matrix)
                     best = min(best, time.perf_counter() - t)
             bandwidth = matrices[0].numel() * 2 / best
             step_s.append(step)
