@@ -589,7 +589,9 @@ class QWenBlock(GradientCheckpointingLayer):
         )
         if qkv is None:
             return None
-        query, key, value = (t.transpose(1, 2) for t in qkv.unbind(dim=2))
+        # (1, 1, 3, H, d) -> three (1, H, 1, d) views: for one row and one position the
+        # same memory as the (B, H, q, d) transposes of the module path
+        query, key, value = qkv.view(3, 1, attn.num_heads, 1, attn.head_dim).unbind(0)
         key, value = cache.update(key, value, attn.layer_idx)
         out = attn.attend_one_row(query, key, value, attention_mask)
         h = linear_row(out, attn.c_proj.weight, attn.c_proj.bias, residual=x)
