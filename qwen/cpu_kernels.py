@@ -506,6 +506,17 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _product_call(norm: tuple[torch.Tensor, float] | None, n_in: int, out_shape: tuple) -> tuple | None:
+    """What a one-row product kernel needs besides its operands: (kernel, norm weight
+    pointer, eps, scratch, output tensor), or ``None`` when there is no kernel or the
+    norm's weight does not fit."""
+    normed = _norm_args(norm, n_in)
+    kernel = _kernel()
+    if kernel is None or normed is None:
+        return None
+    return (kernel, *normed, torch.empty(out_shape, dtype=torch.bfloat16))
+
+
 def linear_row(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -524,12 +535,10 @@ def linear_row(
     ):
         return None
     n_out, n_in = weight.shape
-    normed = _norm_args(norm, n_in)
-    kernel = _kernel()
-    if kernel is None or normed is None:
+    call = _product_call(norm, n_in, (*x.shape[:-1], n_out))
+    if call is None:
         return None
-    norm_weight, eps, scratch = normed
-    out = torch.empty((*x.shape[:-1], n_out), dtype=torch.bfloat16)
+    kernel, norm_weight, eps, scratch, out = call
     kernel.linear_row(
         weight.data_ptr(), weight.stride(0), x.data_ptr(), norm_weight, eps, _ptr(bias), _ptr(residual),
         out.data_ptr(), n_out, n_in, torch.get_num_threads(), _ptr(scratch),
@@ -553,12 +562,10 @@ def swiglu_row(
     if w1.shape != w2.shape:
         return None
     n_out, n_in = w1.shape
-    normed = _norm_args(norm, n_in)
-    kernel = _kernel()
-    if kernel is None or normed is None:
+    call = _product_call(norm, n_in, (*x.shape[:-1], n_out))
+    if call is None:
         return None
-    norm_weight, eps, scratch = normed
-    out = torch.empty((*x.shape[:-1], n_out), dtype=torch.bfloat16)
+    kernel, norm_weight, eps, scratch, out = call
     kernel.swiglu_row(
         w1.data_ptr(), w1.stride(0), _ptr(b1), w2.data_ptr(), w2.stride(0), _ptr(b2),
         x.data_ptr(), norm_weight, eps, out.data_ptr(), n_out, n_in, torch.get_num_threads(), _ptr(scratch),
@@ -591,15 +598,13 @@ def qkv_row(
         return None
     if cos.numel() != rot or not cos.is_contiguous() or not signed_sin.is_contiguous():
         return None
-    normed = _norm_args(norm, n_in)
-    kernel = _kernel()
-    if kernel is None or normed is None or normed[0] is None:
+    call = _product_call(norm, n_in, (1, 1, 3, heads, dim))
+    if call is None:
         return None
-    norm_weight, eps, scratch = normed
-    out = torch.empty((1, 1, 3, heads, dim), dtype=torch.bfloat16)
+    kernel, norm_weight, eps, scratch, out = call
     kernel.qkv_row(
         weight.data_ptr(), weight.stride(0), x.data_ptr(), norm_weight, eps, _ptr(bias), cos.data_ptr(),
-        signed_sin.data_ptr(), out.data_ptr(), heads, dim, rot, n_in, torch.get_num_threads(), scratch.data_ptr(),
+        signed_sin.data_ptr(), out.data_ptr(), heads, dim, rot, n_in, torch.get_num_threads(), _ptr(scratch),
     )  # fmt: skip
     return out
 
