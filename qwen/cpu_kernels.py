@@ -447,9 +447,7 @@ def decode_attention(
     and values -> ``(B, 1, H, d)``, or ``None`` when the kernel does not apply (not bf16 on
     CPU, more than one query row, a mask other than boolean ``(B or 1, 1, 1, L)``, a
     non-contiguous last dimension, autograd, tracing, or no kernel)."""
-    if query.dtype != torch.bfloat16 or query.device.type != "cpu" or query.shape[2] != 1:
-        return None
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if not _ready(query) or query.shape[2] != 1:
         return None
     if key.dtype != query.dtype or value.dtype != query.dtype or key.shape != value.shape:
         return None
@@ -497,6 +495,11 @@ def _matrix(weight: torch.Tensor, bias: torch.Tensor | None, n_in: int) -> bool:
     return bias is None or (bias.dtype == torch.bfloat16 and bias.shape == weight.shape[:1] and bias.stride(0) == 1)
 
 
+def _vector(t: torch.Tensor, n: int) -> bool:
+    """A contiguous bf16 vector of ``n`` values (a norm's weight)."""
+    return t.dtype == torch.bfloat16 and t.shape == (n,) and t.stride(0) == 1
+
+
 def _row(x: torch.Tensor) -> bool:
     """One bf16 row (every dimension but the last of size 1) with a contiguous last dim."""
     return _ready(x) and x.numel() == x.shape[-1] and x.stride(-1) == 1
@@ -508,9 +511,18 @@ def _norm_args(norm: tuple[torch.Tensor, float] | None, n_in: int) -> tuple | No
     if norm is None:
         return (None, 0.0, None)
     weight, eps = norm
-    if weight.dtype != torch.bfloat16 or weight.shape != (n_in,) or weight.stride(0) != 1:
+    if not _vector(weight, n_in):
         return None
     return (weight.data_ptr(), float(eps), torch.empty(n_in, dtype=torch.bfloat16))
+
+
+def _rotary_tables(cos: torch.Tensor, signed_sin: torch.Tensor, dim: int) -> bool:
+    """float32 ``cos``/``signed_sin`` tables of one shape for an even number of rotated
+    dims, at most ``dim``, each with a contiguous last dimension."""
+    rot = cos.shape[-1]
+    if cos.dtype != torch.float32 or signed_sin.dtype != torch.float32 or cos.shape != signed_sin.shape:
+        return False
+    return rot % 2 == 0 and rot <= dim and cos.stride(-1) == 1 and signed_sin.stride(-1) == 1
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -529,15 +541,10 @@ def _product_call(norm: tuple[torch.Tensor, float] | None, n_in: int, out_shape:
 
 
 def linear_row(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None = None,
-    norm: tuple[torch.Tensor, float] | None = None,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None
 ) -> torch.Tensor | None:
     """``F.linear(x, weight, bias)`` for one bf16 row ``x`` (shape (..., K), one row in all),
-    or ``None`` when the kernel does not apply. ``norm = (weight, eps)`` first applies the
-    model's RMSNorm to ``x`` (:func:`rms_norm`); ``residual`` (one bf16 row of the output's
+    or ``None`` when the kernel does not apply. ``residual`` (one bf16 row of the output's
     size) is added to the result, rounded as torch's ``residual + linear(x)``."""
     if not _row(x) or not _matrix(weight, bias, x.shape[-1]):
         return None
@@ -546,7 +553,7 @@ def linear_row(
     ):
         return None
     n_out, n_in = weight.shape
-    call = _product_call(norm, n_in, (*x.shape[:-1], n_out))
+    call = _product_call(None, n_in, (*x.shape[:-1], n_out))
     if call is None:
         return None
     kernel, norm_weight, eps, scratch, out = call
@@ -566,8 +573,8 @@ def swiglu_row(
     norm: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor | None:
     """``F.linear(x, w1, b1) * F.silu(F.linear(x, w2, b2))`` for one bf16 row, rounded to bf16
-    where torch rounds it, or ``None`` when the kernel does not apply; ``norm`` as for
-    :func:`linear_row`."""
+    where torch rounds it, or ``None`` when the kernel does not apply. ``norm = (weight,
+    eps)`` first applies the model's RMSNorm to ``x`` (:func:`rms_norm`)."""
     if not _row(x) or not _matrix(w1, b1, x.shape[-1]) or not _matrix(w2, b2, x.shape[-1]):
         return None
     if w1.shape != w2.shape:
@@ -603,11 +610,7 @@ def qkv_row(
     n_out, n_in = weight.shape
     dim = n_out // (3 * heads) if heads > 0 else 0
     rot = cos.shape[-1]
-    if dim == 0 or 3 * heads * dim != n_out or rot % 2 or rot > dim:
-        return None
-    if cos.dtype != torch.float32 or signed_sin.dtype != torch.float32 or cos.shape != signed_sin.shape:
-        return None
-    if cos.numel() != rot or not cos.is_contiguous() or not signed_sin.is_contiguous():
+    if dim == 0 or 3 * heads * dim != n_out or not _rotary_tables(cos, signed_sin, dim) or cos.numel() != rot:
         return None
     call = _product_call(norm, n_in, (1, 1, 3, heads, dim))
     if call is None:
@@ -626,7 +629,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     hidden = x.shape[-1] if x.dim() else 0
     if not _ready(x) or hidden == 0 or x.stride(-1) != 1:
         return None
-    if weight.dtype != torch.bfloat16 or weight.shape != (hidden,) or weight.stride(0) != 1:
+    if not _vector(weight, hidden):
         return None
     kernel = _kernel()
     if kernel is None:
@@ -651,11 +654,9 @@ def rotary_qk(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     if qk.stride(4) != 1 or qk.stride(3) != dim or qk.stride(2) != heads * dim:
         return None
     rot = cos.shape[-1]
-    if cos.dtype != torch.float32 or signed_sin.dtype != torch.float32 or cos.shape != signed_sin.shape:
+    if not _rotary_tables(cos, signed_sin, dim) or cos.stride() != signed_sin.stride():
         return None
     if cos.dim() != 5 or cos.shape[0] not in (1, bsz) or cos.shape[1:4] != (1, 1, 1):
-        return None
-    if rot % 2 or rot > dim or cos.stride(-1) != 1 or cos.stride() != signed_sin.stride():
         return None
     kernel = _kernel()
     if kernel is None:
