@@ -492,13 +492,7 @@ class QWenAttention(nn.Module):
             interface = past_key_values.attention_interface(interface)
         elif past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
-        one_row_fast_path = (
-            q_len == 1
-            and self.config._attn_implementation == "sdpa"
-            and cpu_half_inference(query)
-            and not isinstance(past_key_values, Int8KVCache)  # it attends through its own interface
-        )
-        if one_row_fast_path:
+        if q_len == 1 and cpu_half_inference(query) and self.one_row_path_for(past_key_values):
             # One query row against the cache: torch's half-precision SDPA kernel is slow
             # there; plain attention is 2-4.5x faster. It runs in float32 (over a float32
             # copy of the cache) for a single sequence and on CPUs without native
@@ -523,6 +517,12 @@ class QWenAttention(nn.Module):
             **kwargs,
         )
         return self.c_proj(out.reshape(bsz, q_len, -1))
+
+    def one_row_path_for(self, cache: Cache | None) -> bool:
+        """Whether one-query-row steps over ``cache`` may attend through
+        :meth:`attend_one_row` instead of the configured interface: with SDPA selected,
+        and not over the int8 cache (it attends through its own interface)."""
+        return self.config._attn_implementation == "sdpa" and not isinstance(cache, Int8KVCache)
 
     def attend_one_row(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None
@@ -579,7 +579,7 @@ class QWenBlock(GradientCheckpointingLayer):
         Python to do but the cache update. ``None`` (nothing done) unless every
         submodule is as built (no adapter, quantizer or hook) and the kernels apply."""
         attn, mlp = self.attn, self.mlp
-        if self.training or isinstance(cache, Int8KVCache) or attn.config._attn_implementation != "sdpa":
+        if self.training or not attn.one_row_path_for(cache):
             return None
         parts = (self, self.ln_1, attn, attn.c_attn, attn.c_proj, self.ln_2, mlp, mlp.w1, mlp.w2, mlp.c_proj)
         if not all(_as_built(module) for module in parts) or _global_module_hooks():
