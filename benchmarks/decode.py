@@ -169,7 +169,7 @@ def bytes_per_token(layers: int, hidden: int, intermediate_size: int, vocab: int
 
 def kernel_gemv(x, matrix):
     """The probe's GEMV through this package's C kernel (:func:`qwen.cpu_kernels.linear_row`,
-    what its bf16 decoding steps use), or ``None`` where that kernel is not built: the probe
+    what its bf16 decoding steps use; only where ``cpu_kernels.available()``): the probe
     takes the fastest GEMV on offer, so the bound never rests on a slower kernel than the
     model's own."""
     import torch
@@ -203,6 +203,8 @@ def run_probe(path: Path) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from qwen import cpu_kernels
+
     cfg = json.loads((path / "config.json").read_text())
     h, v = cfg["hidden_size"], cfg["vocab_size"]
     matrices = probe_matrices(v, h)
@@ -223,7 +225,7 @@ def run_probe(path: Path) -> dict:
     with torch.backends.mkldnn.flags(enabled=False):
         no_onednn = gb_s(matrices[0])
         huge_no_onednn = gb_s(matrices[1]) if len(matrices) > 1 else None
-    kernel = gb_s(matrices[-1], kernel_gemv) if kernel_gemv(x, matrices[-1]) is not None else None
+    kernel = gb_s(matrices[-1], kernel_gemv) if cpu_kernels.available() else None
     gbs = max(default, no_onednn, huge_no_onednn or 0.0, kernel or 0.0)
     read = bytes_per_token(cfg["num_hidden_layers"], h, cfg["intermediate_size"], v)
     total = read + 2 * v * h
@@ -253,7 +255,7 @@ def run_interleaved(path: Path, prompt_len: int, steps: int, compiled: bool = Fa
     from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
     from transformers.generation import CompileConfig
 
-    import qwen  # noqa: F401
+    from qwen import cpu_kernels
     from qwen.kv_cache import CACHE_KWARG
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
@@ -274,7 +276,7 @@ def run_interleaved(path: Path, prompt_len: int, steps: int, compiled: bool = Fa
         return forward(token, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
 
     probes = [(F.linear, matrix) for matrix in matrices]
-    if kernel_gemv(x, matrices[-1]) is not None:
+    if cpu_kernels.available():
         probes.append((kernel_gemv, matrices[-1]))
     ratios, step_s, gb_s = [], [], []
     with torch.inference_mode():
