@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,10 +39,26 @@ def _package_dir() -> Path:
     return Path(__file__).resolve().parent
 
 
+def _replace_file(path: Path, data: bytes) -> None:
+    """Put ``data`` at ``path`` as a new regular file (written beside it, then renamed onto
+    it): a symbolic link there is replaced, not written through. Checkpoints in the
+    Hugging Face cache are links into its shared, content-addressed ``blobs/``; writing
+    through them would change the blob for every revision that shares it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _update_json(path: Path, key: str, value) -> None:
     data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     data[key] = value
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    _replace_file(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def write_remote_code(ckpt_dir: str | Path, backup: bool = True) -> Path | None:
@@ -49,6 +67,8 @@ def write_remote_code(ckpt_dir: str | Path, backup: bool = True) -> Path | None:
     Files that would be replaced (the old ``*.py`` files, ``config.json`` and
     ``tokenizer_config.json``) are first copied into ``ckpt_dir/remote_code_backup-<time>/``,
     whose path is returned (``None`` when nothing was replaced or ``backup`` is False).
+    Files that are symbolic links (a Hugging Face cache snapshot) are replaced by regular
+    files; what they point to is left as it was.
     """
     ckpt = Path(ckpt_dir)
     config_path = ckpt / "config.json"
@@ -76,7 +96,7 @@ def write_remote_code(ckpt_dir: str | Path, backup: bool = True) -> Path | None:
 
     src = _package_dir()
     for name in REMOTE_CODE_FILES:
-        shutil.copyfile(src / name, ckpt / name)
+        _replace_file(ckpt / name, (src / name).read_bytes())
     _update_json(config_path, "auto_map", MODEL_AUTO_MAP)
     _update_json(ckpt / "tokenizer_config.json", "auto_map", TOKENIZER_AUTO_MAP)
     return backup_dir

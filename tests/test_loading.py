@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 import qwen
 from qwen import modeling_qwen
 from qwen.configuration_qwen import QWenConfig
+from qwen.remote_code import MODEL_AUTO_MAP, write_remote_code
 
 
 def copy_ckpt(src, dst):
@@ -438,6 +439,25 @@ def test_update_remote_code(tmp_path, tiny_dir):
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits[0, -1, :8]
     assert torch.allclose(torch.tensor(remote["logits"]), expected, atol=1e-6)
+
+
+def test_update_remote_code_replaces_links_not_their_targets(tmp_path, tiny_dir):
+    # A Hugging Face cache snapshot: its files are links into a shared blobs/ directory.
+    blobs, ckpt = tmp_path / "blobs", copy_ckpt(tiny_dir, tmp_path / "snapshot")
+    blobs.mkdir()
+    config = {k: v for k, v in json.loads((ckpt / "config.json").read_text()).items() if k != "auto_map"}
+    originals = {"config.json": json.dumps(config), "modeling_qwen.py": "# the old official file\n"}
+    for name, text in originals.items():
+        (blobs / name).write_text(text)
+        (ckpt / name).unlink(missing_ok=True)
+        (ckpt / name).symlink_to(blobs / name)
+    backup = write_remote_code(ckpt)
+    for name, text in originals.items():
+        assert (blobs / name).read_text() == text, f"{name}: the link's target was written through"
+        assert not (ckpt / name).is_symlink() and (backup / name).read_text() == text
+    assert (ckpt / "modeling_qwen.py").read_text() == (REPO / "qwen" / "modeling_qwen.py").read_text()
+    assert json.loads((ckpt / "config.json").read_text())["auto_map"] == MODEL_AUTO_MAP
+    assert not list(ckpt.glob(".*.tmp"))
 
 
 def test_flash_attention_falls_back_with_notice(tiny_dir, caplog):
