@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from qwen.remote_code import REMOTE_CODE_FILES
+
 
 def _tiny(args: argparse.Namespace) -> None:
     from .tiny import make_tiny_checkpoint
@@ -76,10 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "update-remote-code",
         help="write this package's model files into a checkpoint as its remote code",
-        description="Copy configuration_qwen.py, modeling_qwen.py, tokenization_qwen.py and "
-        "qwen_generation_utils.py into CKPT_DIR and point the auto_map of config.json and "
-        "tokenizer_config.json at them, so tools that load with trust_remote_code=True run the "
-        "maintained code. Replaced files are first copied to CKPT_DIR/remote_code_backup-<time>/.",
+        description=f"Copy this package's model files ({', '.join(REMOTE_CODE_FILES)}) into "
+        "CKPT_DIR and point the auto_map of config.json and tokenizer_config.json at them, so tools "
+        "that load with trust_remote_code=True run the maintained code. Replaced files are first "
+        "copied to CKPT_DIR/remote_code_backup-<time>/; files that are symbolic links (a Hugging "
+        "Face cache snapshot) are replaced by regular files, their targets left as they were.",
     )
     p.add_argument("ckpt_dir", help="an official-layout Qwen-1 checkpoint directory")
     p.add_argument("--no-backup", action="store_true", help="do not keep copies of replaced files")
