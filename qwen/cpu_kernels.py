@@ -17,7 +17,12 @@ still (a 16-row step of a 1.8B model spent 40-60 ms of ~220 in attention). The k
 - :func:`rotary_qk`: the rotary embedding of one step's queries and keys;
 - :func:`decode_attention`: ``softmax(q k^T * scaling, masked) v`` per (row, head) in
   float32 from the bf16 cache in place (no float copy of the cache), skipping masked
-  (padding) keys, in parallel over rows and heads.
+  (padding) keys, in parallel over rows and heads;
+- :class:`BlockSteps`: every block of a single-sequence decoding step in one call, the
+  kernels above in turn with the step's keys and values written into the cache's
+  buffers, so that no Python runs between the blocks' kernels (each Python operation
+  between two products costs 3-5x its warm time: the product has just streamed its
+  weights through the CPU's caches).
 
 Each rounds to bf16 where the torch code it replaces does, so results differ from it
 only by the order of float32 sums (rarely a last bf16 bit).
@@ -297,6 +302,54 @@ void qwen_qkv_row_bf16(const uint16_t *W, int64_t ldw, const uint16_t *x, const 
     qwen_linear_row_bf16(W, ldw, x, norm_w, eps, bias, 0, out, 3 * H * D, K, threads, scratch);
     for (int64_t j = 0; j < 2 * H; j++) rotate_head(out + j * D, cos, sin, D, rot, out + j * D);
 }
+
+/* Fields of one block in qwen_decode_blocks_bf16's table (int64 each; pointers as integers). */
+enum {
+    B_LN1, B_QKV_W, B_QKV_LD, B_QKV_B, B_PROJ_W, B_PROJ_LD, B_PROJ_B, B_LN2, B_W1, B_W1_LD, B_W1_B,
+    B_W2, B_W2_LD, B_W2_B, B_MLP_W, B_MLP_LD, B_MLP_B, B_K, B_KS_H, B_KS_L, B_V, B_VS_H, B_VS_L,
+    B_POS, B_KEEP, B_WIDTH, B_FIELDS
+};
+
+/* Every block of a one-sequence decoding step: for each block (fields above, eps1/eps2/scale
+   per block in `reals`), ln_1 + c_attn + rotary (qwen_qkv_row_bf16); its key and value rows
+   written at position B_POS of the block's cache (heads B_KS_H/B_VS_H, positions
+   B_KS_L/B_VS_L elements apart); attention over positions 0..B_POS (keep: B_POS + 1 bytes,
+   or 0); c_proj + the residual; ln_2 + w1/w2 + gate; the MLP's c_proj + the residual: the
+   per-block calls of QWenBlock.one_row_step, with nothing in between. x: the first block's
+   input (hidden values), out: the last block's output. work: bf16 scratch of 3 * H * D
+   (qkv) + H * D (attention) + 3 * hidden (h, two block outputs) + max width + hidden;
+   scores: float scratch of H * (max positions + 2 * D). */
+void qwen_decode_blocks_bf16(const int64_t *table, const float *reals, int64_t n_blocks, const uint16_t *x,
+                             uint16_t *out, int64_t hidden, int64_t H, int64_t D, int64_t rot, const float *cos,
+                             const float *sin, int threads, uint16_t *work, float *scores) {
+    uint16_t *qkv = work, *att = qkv + 3 * H * D, *h = att + H * D, *xs[2] = {h + hidden, h + 2 * hidden};
+    uint16_t *gated = h + 3 * hidden;
+    for (int64_t i = 0; i < n_blocks; i++) {
+        const int64_t *f = table + i * B_FIELDS;
+        const float *r = reals + 3 * i;
+        const uint16_t *in = i == 0 ? x : xs[(i - 1) & 1];
+        uint16_t *next = i == n_blocks - 1 ? out : xs[i & 1];
+        uint16_t *norm_scratch = gated + f[B_WIDTH];
+        #define P(field) ((uint16_t *)(intptr_t)f[field])
+        qwen_qkv_row_bf16(P(B_QKV_W), f[B_QKV_LD], in, P(B_LN1), r[0], P(B_QKV_B), cos, sin, qkv, H, D, rot,
+                          hidden, threads, norm_scratch);
+        uint16_t *kc = P(B_K), *vc = P(B_V);
+        for (int64_t j = 0; j < H; j++)
+            for (int64_t d = 0; d < D; d++) {
+                kc[j * f[B_KS_H] + f[B_POS] * f[B_KS_L] + d] = qkv[(H + j) * D + d];
+                vc[j * f[B_VS_H] + f[B_POS] * f[B_VS_L] + d] = qkv[(2 * H + j) * D + d];
+            }
+        qwen_decode_attention_bf16(qkv, 0, D, kc, 0, f[B_KS_H], f[B_KS_L], vc, 0, f[B_VS_H], f[B_VS_L],
+                                   (const uint8_t *)(intptr_t)f[B_KEEP], 0, att, 1, H, f[B_POS] + 1, D, r[2],
+                                   threads, scores);
+        qwen_linear_row_bf16(P(B_PROJ_W), f[B_PROJ_LD], att, 0, 0.f, P(B_PROJ_B), in, h, hidden, H * D, threads, 0);
+        qwen_swiglu_row_bf16(P(B_W1), f[B_W1_LD], P(B_W1_B), P(B_W2), f[B_W2_LD], P(B_W2_B), h, P(B_LN2), r[1],
+                             gated, f[B_WIDTH], hidden, threads, norm_scratch);
+        qwen_linear_row_bf16(P(B_MLP_W), f[B_MLP_LD], gated, 0, 0.f, P(B_MLP_B), h, next, hidden, f[B_WIDTH],
+                             threads, 0);
+        #undef P
+    }
+}
 """
 
 # -ffp-contract=off: a * b + c stays two roundings, as in torch's kernels (not one FMA)
@@ -312,6 +365,7 @@ _SIGNATURES = {  # Python name: (C symbol, argument types)
     "qkv_row": ("qwen_qkv_row_bf16", [_P, _I, _P, _P, _F, _P, _P, _P, _P, _I, _I, _I, _I, ctypes.c_int, _P]),
     "rms_norm": ("qwen_rms_norm_bf16", [_P, _I, _P, _P, _I, _I, _F, ctypes.c_int]),
     "rotary_qk": ("qwen_rotary_qk_bf16", [_P, _I, _P, _P, _I, _P, _I, _I, _I, _I]),
+    "decode_blocks": ("qwen_decode_blocks_bf16", [_P, _P, _I, _P, _P, _I, _I, _I, _I, _P, _P, ctypes.c_int, _P, _P]),
 }
 
 
@@ -667,3 +721,121 @@ def rotary_qk(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
         cos.stride(0) if cos.shape[0] > 1 else 0, out.data_ptr(), bsz, heads, dim, rot,
     )  # fmt: skip
     return out
+
+
+class BlockSteps:
+    """The blocks of one single-sequence decoding step, for :meth:`run` to take through
+    all of them in one C call (``qwen_decode_blocks_bf16``): what
+    ``QWenBlock.one_row_step`` does block by block, with no Python between the blocks'
+    kernels. Each :meth:`add` checks one block's weights and cache as the per-block
+    kernels do and says whether it can be taken (if not, nothing is run)."""
+
+    _FIELDS = 26  # the C enum's B_FIELDS
+
+    def __init__(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, heads: int, dim: int):
+        self.x, self.cos, self.sin, self.heads, self.dim = x, cos, signed_sin, heads, dim
+        self.hidden = x.shape[-1]
+        rot = cos.shape[-1]
+        self.ok = (
+            _row(x)
+            and x.shape[:-1] == (1, 1)
+            and heads > 0
+            and dim > 0
+            and _rotary_tables(cos, signed_sin, dim)
+            and cos.numel() == rot
+            and _kernel() is not None
+        )
+        self.rows: list[int] = []
+        self.reals: list[float] = []
+        self.keep_alive: list[torch.Tensor] = []
+        self.width = self.length = 0
+
+    def _cache(self, buffer: torch.Tensor, position: int) -> bool:
+        """A (1, heads, room, dim) bf16 buffer with contiguous head vectors and room past ``position``."""
+        return (
+            buffer.dtype == torch.bfloat16
+            and buffer.device.type == "cpu"
+            and buffer.shape[:2] == (1, self.heads)
+            and buffer.dim() == 4
+            and buffer.shape[3] == self.dim
+            and buffer.shape[2] > position
+            and buffer.stride(3) == 1
+        )
+
+    def add(
+        self,
+        ln_1: tuple[torch.Tensor, float],
+        c_attn: tuple[torch.Tensor, torch.Tensor | None],
+        c_proj: tuple[torch.Tensor, torch.Tensor | None],
+        ln_2: tuple[torch.Tensor, float],
+        w1: tuple[torch.Tensor, torch.Tensor | None],
+        w2: tuple[torch.Tensor, torch.Tensor | None],
+        mlp_proj: tuple[torch.Tensor, torch.Tensor | None],
+        keys: tuple[torch.Tensor, torch.Tensor],
+        position: int,
+        keep: torch.Tensor | None,
+        scaling: float,
+    ) -> bool:
+        """One block: its norms ``(weight, eps)`` and products ``(weight, bias)``, its cache's
+        (key buffer, value buffer) with the step's row to go at ``position`` (attending to
+        positions ``0..position``), the boolean mask of those positions (None: all) and the
+        attention's ``scaling``. False (and the step not to be run) where anything does not fit."""
+        hidden, projection = self.hidden, self.heads * self.dim
+        width = w1[0].shape[0] if w1[0].dim() == 2 else 0
+        key_buffer, value_buffer = keys
+        self.ok = (
+            self.ok
+            and _vector(ln_1[0], hidden)
+            and _vector(ln_2[0], hidden)
+            and _matrix(*c_attn, hidden)
+            and c_attn[0].shape[0] == 3 * projection
+            and _matrix(*c_proj, projection)
+            and c_proj[0].shape[0] == hidden
+            and _matrix(*w1, hidden)
+            and _matrix(*w2, hidden)
+            and w2[0].shape[0] == width > 0
+            and _matrix(*mlp_proj, width)
+            and mlp_proj[0].shape[0] == hidden
+            and self._cache(key_buffer, position)
+            and self._cache(value_buffer, position)
+            and (
+                keep is None
+                or (keep.dtype == torch.bool and keep.shape == (1, 1, 1, position + 1) and keep.stride(3) == 1)
+            )
+        )
+        if not self.ok:
+            return False
+        self.rows += [
+            ln_1[0].data_ptr(), c_attn[0].data_ptr(), c_attn[0].stride(0), _ptr(c_attn[1]) or 0,
+            c_proj[0].data_ptr(), c_proj[0].stride(0), _ptr(c_proj[1]) or 0, ln_2[0].data_ptr(),
+            w1[0].data_ptr(), w1[0].stride(0), _ptr(w1[1]) or 0, w2[0].data_ptr(), w2[0].stride(0), _ptr(w2[1]) or 0,
+            mlp_proj[0].data_ptr(), mlp_proj[0].stride(0), _ptr(mlp_proj[1]) or 0,
+            key_buffer.data_ptr(), key_buffer.stride(1), key_buffer.stride(2),
+            value_buffer.data_ptr(), value_buffer.stride(1), value_buffer.stride(2),
+            position, 0 if keep is None else keep.data_ptr(), width,
+        ]  # fmt: skip
+        self.reals += [float(ln_1[1]), float(ln_2[1]), float(scaling)]
+        if keep is not None:
+            self.keep_alive.append(keep)
+        self.width, self.length = max(self.width, width), max(self.length, position + 1)
+        return True
+
+    def run(self) -> torch.Tensor | None:
+        """Every added block in turn -> the last one's output (the shape of ``x``), their key
+        and value rows written into the caches; None (nothing done) where :meth:`add`
+        refused a block or none was added."""
+        blocks = len(self.reals) // 3
+        if not self.ok or blocks == 0:
+            return None
+        table = torch.tensor(self.rows, dtype=torch.int64)
+        reals = torch.tensor(self.reals, dtype=torch.float32)
+        heads, dim, hidden = self.heads, self.dim, self.hidden
+        work = torch.empty(4 * heads * dim + 4 * hidden + self.width, dtype=torch.bfloat16)
+        scores = torch.empty(heads * (self.length + 2 * dim), dtype=torch.float32)
+        out = torch.empty(self.x.shape, dtype=torch.bfloat16)
+        _kernel().decode_blocks(
+            table.data_ptr(), reals.data_ptr(), blocks, self.x.data_ptr(), out.data_ptr(), hidden, heads, dim,
+            self.cos.shape[-1], self.cos.data_ptr(), self.sin.data_ptr(), torch.get_num_threads(), work.data_ptr(),
+            scores.data_ptr(),
+        )  # fmt: skip
+        return out

@@ -352,9 +352,10 @@ class GrowingLayer(DynamicLayer):
     _key_buffer: torch.Tensor | None = None
     _value_buffer: torch.Tensor | None = None
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+    def _room(self, key_states: torch.Tensor, value_states: torch.Tensor) -> int:
+        """Make sure the buffers hold what is cached and have room for ``key_states``'
+        positions after it (new buffers, ``keys``/``values`` pointed at them, where they do
+        not); returns the number of positions cached."""
         keys, values = self.keys, self.values
         old = keys.shape[-2] if keys.dim() == 4 else 0
         new = old + key_states.shape[-2]
@@ -374,11 +375,33 @@ class GrowingLayer(DynamicLayer):
             if old:
                 self._key_buffer[..., :old, :].copy_(keys)
                 self._value_buffer[..., :old, :].copy_(values)
+                self.filled(old)
+        return old
+
+    def filled(self, length: int) -> None:
+        """Point ``keys``/``values`` at the buffers' first ``length`` positions."""
+        self.keys = self._key_buffer.narrow(-2, 0, length)
+        self.values = self._value_buffer.narrow(-2, 0, length)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        old = self._room(key_states, value_states)
+        new = old + key_states.shape[-2]
         self._key_buffer[..., old:new, :].copy_(key_states)
         self._value_buffer[..., old:new, :].copy_(value_states)
-        self.keys = self._key_buffer[..., :new, :]
-        self.values = self._value_buffer[..., :new, :]
+        self.filled(new)
         return self.keys, self.values
+
+    def room_for_one(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """For a one-position step that writes the cache itself (``cpu_kernels.BlockSteps``):
+        the key and value buffers, with room for one more position, and that position
+        (what is cached is kept); :meth:`filled` with one more then takes the row in.
+        None while nothing is cached."""
+        if not self.is_initialized or self.keys.dim() != 4 or self.keys.shape[-2] == 0:
+            return None
+        position = self._room(self.keys.narrow(-2, 0, 1), self.values.narrow(-2, 0, 1))
+        return self._key_buffer, self._value_buffer, position
 
     def reset(self) -> None:
         self._key_buffer = self._value_buffer = None

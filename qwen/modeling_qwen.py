@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import StoppingCriteriaList
 from transformers.masking_utils import create_causal_mask, sliding_window_overlay
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -40,8 +40,17 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_qwen import PRECISION_FLAGS, QWenConfig
-from .cpu_kernels import decode_attention, env_switched_off, linear_row, qkv_row, rms_norm, rotary_qk, swiglu_row
-from .kv_cache import CACHE_KWARG, Int8KVCache, grow_in_place, make_cache, use_int8_cache_for_generation
+from .cpu_kernels import (
+    BlockSteps,
+    decode_attention,
+    env_switched_off,
+    linear_row,
+    qkv_row,
+    rms_norm,
+    rotary_qk,
+    swiglu_row,
+)
+from .kv_cache import CACHE_KWARG, GrowingLayer, Int8KVCache, grow_in_place, make_cache, use_int8_cache_for_generation
 from .qwen_generation_utils import QWenChatMixin, StopWordsCriteria
 
 logger = logging.getLogger(__name__)
@@ -564,6 +573,28 @@ class QWenBlock(GradientCheckpointingLayer):
         h = hidden_states + self.attn(self.ln_1(hidden_states), rotary, logn, attention_mask, past_key_values, **kwargs)
         return h + self.mlp(self.ln_2(h))
 
+    def one_row_parts(self, cache: Cache) -> tuple | None:
+        """What a one-row step in C kernels reads of this block, when every submodule is
+        as built (no adapter, quantizer or hook; :func:`_as_built`), not training, SDPA
+        selected and not the int8 cache: ``(attn, (ln_1 weight, eps), (c_attn weight,
+        bias), (c_proj ...), (ln_2 weight, eps), (w1 ...), (w2 ...), (mlp c_proj ...))``;
+        else None."""
+        # Submodules and weights straight from the registries nn.Module.__getattr__ reads
+        # (each attribute through it costs ~1 us, ~20 us a block, more after a product has
+        # streamed its weights through the caches); each module's class and hooks checked.
+        children = self._modules
+        ln_1, attn, ln_2, mlp = children["ln_1"], children["attn"], children["ln_2"], children["mlp"]
+        if self.training or not (_as_built(self) and _as_built(ln_1) and _as_built(attn) and _as_built(ln_2)):
+            return None
+        if not _as_built(mlp) or _global_module_hooks() or not attn.one_row_path_for(cache):
+            return None
+        linears = (attn._modules.get("c_attn"), attn._modules.get("c_proj"), *map(mlp._modules.get, _MLP_LINEARS))
+        if not all(_as_built(module) for module in linears):
+            return None
+        c_attn, c_proj, w1, w2, mlp_proj = ((m._parameters["weight"], m._parameters["bias"]) for m in linears)
+        norms = ((ln_1._parameters["weight"], ln_1.eps), (ln_2._parameters["weight"], ln_2.eps))
+        return attn, norms[0], c_attn, c_proj, norms[1], w1, w2, mlp_proj
+
     def one_row_step(
         self,
         x: torch.Tensor,
@@ -576,25 +607,13 @@ class QWenBlock(GradientCheckpointingLayer):
         + the residual; ln_2 + w1/w2 + gate; the MLP's c_proj + the residual. The same
         arithmetic as the modules, rounded at the same points; between the matrix
         products, whose weights stream through the CPU's caches, nothing is left for
-        Python to do but the cache update. ``None`` (nothing done) unless every
-        submodule is as built (no adapter, quantizer or hook) and the kernels apply."""
-        # Submodules and weights straight from the registries nn.Module.__getattr__ reads
-        # (each attribute through it costs ~1 us, ~20 us a block, more after a product has
-        # streamed its weights through the caches); each module's class and hooks checked.
-        children = self._modules
-        ln_1, attn, ln_2, mlp = children["ln_1"], children["attn"], children["ln_2"], children["mlp"]
-        if self.training or not (_as_built(self) and _as_built(ln_1) and _as_built(attn) and _as_built(ln_2)):
+        Python to do but the cache update. ``None`` (nothing done) unless
+        :meth:`one_row_parts` has the block's parts and the kernels apply."""
+        parts = self.one_row_parts(cache)
+        if parts is None:
             return None
-        if not _as_built(mlp) or _global_module_hooks() or not attn.one_row_path_for(cache):
-            return None
-        c_attn, c_proj = attn._modules.get("c_attn"), attn._modules.get("c_proj")
-        w1, w2, mlp_proj = mlp._modules.get("w1"), mlp._modules.get("w2"), mlp._modules.get("c_proj")
-        if not all(_as_built(module) for module in (c_attn, c_proj, w1, w2, mlp_proj)):
-            return None
-        c_attn, c_proj, w1, w2, mlp_proj = (m._parameters for m in (c_attn, c_proj, w1, w2, mlp_proj))
-        qkv = qkv_row(
-            x, (ln_1._parameters["weight"], ln_1.eps), c_attn["weight"], c_attn["bias"], *rotary, attn.num_heads
-        )
+        attn, ln_1, c_attn, c_proj, ln_2, w1, w2, mlp_proj = parts
+        qkv = qkv_row(x, ln_1, *c_attn, *rotary, attn.num_heads)
         if qkv is None:
             return None
         # (1, 1, 3, H, d) -> three (1, H, 1, d) views: for one row and one position the
@@ -602,17 +621,17 @@ class QWenBlock(GradientCheckpointingLayer):
         query, key, value = qkv.view(3, 1, attn.num_heads, 1, attn.head_dim).unbind(0)
         key, value = cache.update(key, value, attn.layer_idx)
         out = attn.attend_one_row(query, key, value, attention_mask)
-        h = linear_row(out, c_proj["weight"], c_proj["bias"], residual=x)
+        h = linear_row(out, *c_proj, residual=x)
         if h is None:
             h = x + attn.c_proj(out)
-        norm = (ln_2._parameters["weight"], ln_2.eps)
-        gated = swiglu_row(h, w1["weight"], w1["bias"], w2["weight"], w2["bias"], norm=norm)
+        gated = swiglu_row(h, *w1, *w2, norm=ln_2)
         if gated is None:
-            return h + mlp(ln_2(h))
-        out = linear_row(gated, mlp_proj["weight"], mlp_proj["bias"], residual=h)
-        return h + mlp.c_proj(gated) if out is None else out
+            return h + self.mlp(self.ln_2(h))
+        out = linear_row(gated, *mlp_proj, residual=h)
+        return h + self.mlp.c_proj(gated) if out is None else out
 
 
+_MLP_LINEARS = ("w1", "w2", "c_proj")
 _BUILT_CLASSES = frozenset({QWenLinear, QWenRMSNorm, QWenAttention, QWenMLP, QWenBlock})
 
 
@@ -773,6 +792,41 @@ class QWenModel(QWenPreTrainedModel):
                 masks[window] = create_causal_mask(**kwargs, and_mask_function=sliding_window_overlay(window))
         return masks
 
+    def _one_row_blocks(self, x: torch.Tensor, rotary: tuple, masks: list, cache: Cache | None) -> torch.Tensor | None:
+        """A single-sequence bf16 decoding step through every block in one C call
+        (:class:`~.cpu_kernels.BlockSteps`, which writes the step's keys and values into the
+        cache's buffers itself): the same arithmetic as :meth:`QWenBlock.one_row_step`
+        block by block, without the Python between the blocks' kernels, whose every
+        operation runs from caches the weights have just streamed through. Needs a
+        ``DynamicCache`` of :class:`~.kv_cache.GrowingLayer`s with something cached, every
+        block's :meth:`QWenBlock.one_row_parts` and nothing else registered on the blocks;
+        None (nothing done) otherwise."""
+        if type(cache) is not DynamicCache or getattr(cache, "offloading", False) or type(self.h) is not nn.ModuleList:
+            return None
+        steps = BlockSteps(x, *rotary, self.config.num_attention_heads, self.config.kv_channels)
+        if not steps.ok:
+            return None
+        layers, filled = cache.layers, []
+        if len(masks) != len(self.h):
+            return None
+        for block, mask in zip(self.h._modules.values(), masks, strict=True):
+            parts = block.one_row_parts(cache) if type(block) is QWenBlock else None
+            if parts is None:
+                return None
+            attn, *weights = parts
+            layer = layers[attn.layer_idx] if attn.layer_idx < len(layers) else None
+            room = layer.room_for_one() if type(layer) is GrowingLayer else None
+            if room is None or not steps.add(*weights, room[:2], room[2], mask, attn.scaling):
+                return None
+            filled.append((layer, room[2] + 1))
+        if len({id(layer) for layer, _ in filled}) != len(filled):
+            return None  # two blocks on one cache layer: not this model as built
+        out = steps.run()
+        if out is not None:
+            for layer, length in filled:
+                layer.filled(length)
+        return out
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -816,7 +870,12 @@ class QWenModel(QWenPreTrainedModel):
 
         hidden_states = self.drop(inputs_embeds)
         all_hidden = [] if output_hidden_states else None
-        for i, block in enumerate(self.h):
+        blocks = self.h
+        if (bsz, q_len) == (1, 1) and logn is None and all_hidden is None:
+            out = self._one_row_blocks(hidden_states, rotary, [masks[w] for w in windows], past_key_values)
+            if out is not None:
+                hidden_states, blocks = out, ()
+        for i, block in enumerate(blocks):
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
             hidden_states = block(

@@ -232,17 +232,19 @@ def test_one_row_kernels_decline_what_they_do_not_handle():
 @needs_compiler
 @torch.no_grad()
 def test_decoding_step_runs_through_the_kernels(head128_dir, monkeypatch):
-    """A one-sequence bf16 decoding step on CPU runs each block in five C calls (ln_1 +
-    c_attn + rotary; attention; c_proj + residual; ln_2 + w1/w2 + gate; c_proj + residual)
-    and gives exactly the logits of the blocks' modules (which use the kernels one by
-    one), and those of the torch path up to bf16 rounding noise. A block with a hook on
-    one of its modules (as adapters and quantizers add) runs through its modules, and
-    the hook fires."""
+    """A one-sequence bf16 decoding step on CPU runs all its blocks in one C call
+    (BlockSteps); block by block, each block runs in five C calls (ln_1 + c_attn +
+    rotary; attention; c_proj + residual; ln_2 + w1/w2 + gate; c_proj + residual). Both
+    give exactly the logits of the blocks' modules (which use the kernels one by one),
+    and those of the torch path up to bf16 rounding noise. A block with a hook on one of
+    its modules (as adapters and quantizers add) runs through its modules, the hook
+    fires, and the other blocks still run in their five calls."""
     model = AutoModelForCausalLM.from_pretrained(head128_dir, dtype=torch.bfloat16).eval()
     layers = model.config.num_hidden_layers
     names = ["qkv_row", "linear_row", "swiglu_row", "rms_norm", "rotary_qk", "decode_attention"]
     real = {name: getattr(modeling_qwen, name) for name in names}
-    calls = dict.fromkeys(names, 0)
+    calls = dict.fromkeys([*names, "all blocks"], 0)
+    real_run = cpu_kernels.BlockSteps.run
 
     def counting(name):
         def call(*args, **kwargs):
@@ -251,25 +253,35 @@ def test_decoding_step_runs_through_the_kernels(head128_dir, monkeypatch):
 
         return call
 
+    def counted_run(steps):
+        out = real_run(steps)
+        calls["all blocks"] += out is not None
+        return out
+
     def use(kernels: bool):
         for name in names:
             monkeypatch.setattr(modeling_qwen, name, counting(name) if kernels else lambda *a, **k: None)
+        monkeypatch.setattr(cpu_kernels.BlockSteps, "run", counted_run if kernels else lambda steps: None)
 
     ids = rand_ids(1, 30, seed=6)
 
     def step():
         cache = DynamicCache(config=model.config)
         model(ids[:, :-1], past_key_values=cache, use_cache=True)
-        calls.update(dict.fromkeys(names, 0))
+        calls.update(dict.fromkeys(calls, 0))
         return model(ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1].float()
 
     use(kernels=True)
+    all_blocks = step()
+    assert calls == {name: 0 for name in names} | {"all blocks": 1, "linear_row": 1, "rms_norm": 1}  # + ln_f, lm_head
+    monkeypatch.setattr(modeling_qwen.QWenModel, "_one_row_blocks", lambda *args: None)
     fused = step()
     # per block: qkv_row, attention, linear_row twice, swiglu_row; then ln_f and lm_head
     assert calls == {
         "qkv_row": layers, "decode_attention": layers, "linear_row": 2 * layers + 1,
-        "swiglu_row": layers, "rms_norm": 1, "rotary_qk": 0,
+        "swiglu_row": layers, "rms_norm": 1, "rotary_qk": 0, "all blocks": 0,
     }  # fmt: skip
+    assert torch.equal(all_blocks, fused)
     monkeypatch.setattr(modeling_qwen.QWenBlock, "one_row_step", lambda *args: None)
     modules = step()
     assert calls["rotary_qk"] == layers and calls["rms_norm"] == 2 * layers + 1
@@ -285,9 +297,82 @@ def test_decoding_step_runs_through_the_kernels(head128_dir, monkeypatch):
     seen = []
     model.transformer.h[0].mlp.w1.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     assert torch.equal(step(), fused)
+    assert calls["all blocks"] == 0
     assert calls["qkv_row"] == layers - 1 and calls["swiglu_row"] == layers - 1
     width = model.config.intermediate_size // 2
     assert seen == [(1, 29, width), (1, 1, width)]  # the prefill, then the step
+
+
+@needs_compiler
+@torch.no_grad()
+@pytest.mark.parametrize("which", ["head128_dir", "tiny_dir"])  # heads of 128 dims (AVX-512 attention) and 16
+def test_steps_through_all_blocks_equal_block_by_block(request, monkeypatch, which):
+    """Decoding steps through all blocks in one C call write the same cache and give the
+    same logits, bit for bit, as the blocks one by one, step after step: with a window on
+    one layer (a boolean mask of the cached positions), with biases, and while the cache's
+    buffers regrow (no spare room kept); generate() decodes through it and picks the same
+    tokens. Steps it does not take (hidden states asked for, a static cache, a hooked
+    block) go block by block."""
+    path = request.getfixturevalue(which)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, window_size=[None, 7]).eval()
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if name.endswith("bias") or ".mlp." in name:
+            param.normal_(0, 0.5)  # c_attn's bias and the MLP: nonzero, as in trained weights
+    for block in model.transformer.h:
+        block.ln_2.eps = 0.25  # each norm's own epsilon reaches its kernel
+    monkeypatch.setattr(modeling_qwen_kv(), "GROWING_MIN_ROOM", 1)
+    taken = []
+    real = modeling_qwen.QWenModel._one_row_blocks
+
+    def spying(self, *args):
+        out = real(self, *args)
+        taken.append(out is not None)
+        return out
+
+    ids = rand_ids(1, 12, seed=3)
+    runs = {}
+    for how in ("all blocks", "block by block"):
+        monkeypatch.setattr(
+            modeling_qwen.QWenModel, "_one_row_blocks", spying if how == "all blocks" else lambda *a: None
+        )
+        cache = DynamicCache(config=model.config)
+        token, logits = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1), []
+        for _ in range(14):  # the window of 7 and the buffers' room (1 + length // 4) passed
+            logits.append(model(token, past_key_values=cache).logits[:, -1])
+            token = logits[-1].argmax(-1, keepdim=True)
+        runs[how] = logits, cache
+    assert taken == [True] * 14
+    (fast, fast_cache), (slow, slow_cache) = runs["all blocks"], runs["block by block"]
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
+    for a, b in zip(fast_cache.layers, slow_cache.layers, strict=True):
+        assert a.keys.shape[-2] == 12 + 14 and torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+    monkeypatch.setattr(modeling_qwen.QWenModel, "_one_row_blocks", spying)
+    taken.clear()
+    fast_tokens = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert taken == [True] * 5
+    monkeypatch.setattr(modeling_qwen.QWenModel, "_one_row_blocks", lambda *a: None)
+    assert torch.equal(fast_tokens, model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6))
+
+    monkeypatch.setattr(modeling_qwen.QWenModel, "_one_row_blocks", spying)
+    taken.clear()
+    cache = DynamicCache(config=model.config)
+    model(ids[:, :-1], past_key_values=cache)
+    hidden = model(ids[:, -1:], past_key_values=cache, output_hidden_states=True).hidden_states
+    assert taken == [] and len(hidden) == model.config.num_hidden_layers + 1
+    model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    assert taken == [False, False]
+    taken.clear()
+    model.transformer.h[1].ln_2.register_forward_pre_hook(lambda module, args: None)
+    model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert taken == [False, False]
+
+
+def modeling_qwen_kv():
+    from qwen import kv_cache
+
+    return kv_cache
 
 
 @pytest.fixture
@@ -366,6 +451,8 @@ def test_model_decoding_step_through_the_kernel(request, monkeypatch, which):
         return real(*args)
 
     monkeypatch.setattr(modeling_qwen, "decode_attention", counting)
+    # one sequence's steps would run all blocks in one C call (tested on their own above)
+    monkeypatch.setattr(modeling_qwen.QWenModel, "_one_row_blocks", lambda *args: None)
     ids = rand_ids(2, 40, seed=4)
     mask = torch.ones_like(ids)
     mask[1, :5] = 0

@@ -464,7 +464,9 @@ def test_cpu_half_decode_step_attends_eagerly(tiny_dir, monkeypatch, native):
     from qwen import modeling_qwen
 
     monkeypatch.setattr(modeling_qwen, "cpu_has_native", lambda dtype: native)
-    monkeypatch.setattr(modeling_qwen, "decode_attention", lambda *a: None)  # the C kernel: test_cpu_kernels
+    # the C kernels (test_cpu_kernels): the attention kernel, and all blocks of a step in one call
+    monkeypatch.setattr(modeling_qwen, "decode_attention", lambda *a: None)
+    monkeypatch.setattr(modeling_qwen.QWenModel, "_one_row_blocks", lambda *a: None)
     calls = []
     real = modeling_qwen.eager_attention
     monkeypatch.setattr(modeling_qwen, "eager_attention", lambda *a, **k: calls.append(a[1].dtype) or real(*a, **k))
