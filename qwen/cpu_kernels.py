@@ -747,7 +747,7 @@ class BlockSteps:
         )
         self.rows: list[int] = []
         self.reals: list[float] = []
-        self.keep_alive: list[torch.Tensor] = []
+        self.keep_alive: list[torch.Tensor | None] = []
         self.width = self.length = 0
 
     def _cache(self, buffer: torch.Tensor, position: int) -> bool:
@@ -815,8 +815,8 @@ class BlockSteps:
             position, 0 if keep is None else keep.data_ptr(), width,
         ]  # fmt: skip
         self.reals += [float(ln_1[1]), float(ln_2[1]), float(scaling)]
-        if keep is not None:
-            self.keep_alive.append(keep)
+        # every tensor the table points into stays referenced until the call has returned
+        self.keep_alive += [ln_1[0], *c_attn, *c_proj, ln_2[0], *w1, *w2, *mlp_proj, key_buffer, value_buffer, keep]
         self.width, self.length = max(self.width, width), max(self.length, position + 1)
         return True
 
