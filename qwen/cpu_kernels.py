@@ -730,7 +730,8 @@ class BlockSteps:
     kernels. Each :meth:`add` checks one block's weights and cache as the per-block
     kernels do and says whether it can be taken (if not, nothing is run)."""
 
-    _FIELDS = 26  # the C enum's B_FIELDS
+    # int64 fields a block has in the C function's table: the names before B_FIELDS in its enum
+    _FIELDS = _SOURCE[_SOURCE.index("enum {") : _SOURCE.index("B_FIELDS\n")].count(",")
 
     def __init__(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, heads: int, dim: int):
         self.x, self.cos, self.sin, self.heads, self.dim = x, cos, signed_sin, heads, dim
@@ -825,7 +826,7 @@ class BlockSteps:
         and value rows written into the caches; None (nothing done) where :meth:`add`
         refused a block or none was added."""
         blocks = len(self.reals) // 3
-        if not self.ok or blocks == 0:
+        if not self.ok or blocks == 0 or len(self.rows) != blocks * self._FIELDS:
             return None
         table = torch.tensor(self.rows, dtype=torch.int64)
         reals = torch.tensor(self.reals, dtype=torch.float32)
