@@ -56,6 +56,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+_CPU = torch.device("cpu")
+
 _SOURCE = r"""
 #include <stdint.h>
 #include <math.h>
@@ -505,6 +507,8 @@ def decode_attention(
         return None
     if key.dtype != query.dtype or value.dtype != query.dtype or key.shape != value.shape:
         return None
+    if not (key.is_cpu and value.is_cpu and (attention_mask is None or attention_mask.is_cpu)):
+        return None
     bsz, heads, _, dim = query.shape
     length = key.shape[2]
     if key.shape[:2] != (bsz, heads) or key.shape[3] != dim:
@@ -520,8 +524,8 @@ def decode_attention(
     kernel = _kernel()
     if kernel is None:
         return None
-    out = torch.empty((bsz, 1, heads, dim), dtype=query.dtype)
-    scratch = torch.empty(bsz * heads * (length + 2 * dim), dtype=torch.float32)
+    out = torch.empty((bsz, 1, heads, dim), dtype=query.dtype, device=_CPU)
+    scratch = torch.empty(bsz * heads * (length + 2 * dim), dtype=torch.float32, device=_CPU)
     kernel.decode_attention(
         query.data_ptr(), query.stride(0), query.stride(1),
         key.data_ptr(), key.stride(0), key.stride(1), key.stride(2),
@@ -546,12 +550,16 @@ def _matrix(weight: torch.Tensor, bias: torch.Tensor | None, n_in: int) -> bool:
     """A bf16 (N, n_in) weight with contiguous rows and an optional contiguous (N,) bf16 bias."""
     if weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.shape[1] != n_in or weight.stride(1) != 1:
         return False
-    return bias is None or (bias.dtype == torch.bfloat16 and bias.shape == weight.shape[:1] and bias.stride(0) == 1)
+    if not weight.is_cpu:
+        return False
+    return bias is None or (
+        bias.dtype == torch.bfloat16 and bias.shape == weight.shape[:1] and bias.stride(0) == 1 and bias.is_cpu
+    )
 
 
 def _vector(t: torch.Tensor, n: int) -> bool:
     """A contiguous bf16 vector of ``n`` values (a norm's weight)."""
-    return t.dtype == torch.bfloat16 and t.shape == (n,) and t.stride(0) == 1
+    return t.dtype == torch.bfloat16 and t.shape == (n,) and t.stride(0) == 1 and t.is_cpu
 
 
 def _row(x: torch.Tensor) -> bool:
@@ -567,7 +575,7 @@ def _norm_args(norm: tuple[torch.Tensor, float] | None, n_in: int) -> tuple | No
     weight, eps = norm
     if not _vector(weight, n_in):
         return None
-    return (weight.data_ptr(), float(eps), torch.empty(n_in, dtype=torch.bfloat16))
+    return (weight.data_ptr(), float(eps), torch.empty(n_in, dtype=torch.bfloat16, device=_CPU))
 
 
 def _rotary_tables(cos: torch.Tensor, signed_sin: torch.Tensor, dim: int) -> bool:
@@ -575,6 +583,8 @@ def _rotary_tables(cos: torch.Tensor, signed_sin: torch.Tensor, dim: int) -> boo
     dims, at most ``dim``, each with a contiguous last dimension."""
     rot = cos.shape[-1]
     if cos.dtype != torch.float32 or signed_sin.dtype != torch.float32 or cos.shape != signed_sin.shape:
+        return False
+    if not (cos.is_cpu and signed_sin.is_cpu):
         return False
     return rot % 2 == 0 and rot <= dim and cos.stride(-1) == 1 and signed_sin.stride(-1) == 1
 
@@ -591,7 +601,7 @@ def _product_call(norm: tuple[torch.Tensor, float] | None, n_in: int, out_shape:
     kernel = _kernel()
     if kernel is None or normed is None:
         return None
-    return (kernel, *normed, torch.empty(out_shape, dtype=torch.bfloat16))
+    return (kernel, *normed, torch.empty(out_shape, dtype=torch.bfloat16, device=_CPU))
 
 
 def linear_row(
@@ -603,7 +613,10 @@ def linear_row(
     if not _row(x) or not _matrix(weight, bias, x.shape[-1]):
         return None
     if residual is not None and (
-        residual.dtype != torch.bfloat16 or residual.numel() != weight.shape[0] or residual.stride(-1) != 1
+        residual.dtype != torch.bfloat16
+        or residual.numel() != weight.shape[0]
+        or residual.stride(-1) != 1
+        or not residual.is_cpu
     ):
         return None
     n_out, n_in = weight.shape
@@ -689,7 +702,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     if kernel is None:
         return None
     rows = x.reshape(-1, hidden)  # a view wherever the rows are evenly spaced
-    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    out = torch.empty(x.shape, dtype=torch.bfloat16, device=_CPU)
     kernel.rms_norm(
         rows.data_ptr(), rows.stride(0), weight.data_ptr(), out.data_ptr(), rows.shape[0], hidden, float(eps),
         torch.get_num_threads(),
@@ -715,7 +728,7 @@ def rotary_qk(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     kernel = _kernel()
     if kernel is None:
         return None
-    out = torch.empty((bsz, 1, 2, heads, dim), dtype=torch.bfloat16)
+    out = torch.empty((bsz, 1, 2, heads, dim), dtype=torch.bfloat16, device=_CPU)
     kernel.rotary_qk(
         qk.data_ptr(), qk.stride(0), cos.data_ptr(), signed_sin.data_ptr(),
         cos.stride(0) if cos.shape[0] > 1 else 0, out.data_ptr(), bsz, heads, dim, rot,
@@ -801,7 +814,12 @@ class BlockSteps:
             and self._cache(value_buffer, position)
             and (
                 keep is None
-                or (keep.dtype == torch.bool and keep.shape == (1, 1, 1, position + 1) and keep.stride(3) == 1)
+                or (
+                    keep.dtype == torch.bool
+                    and keep.shape == (1, 1, 1, position + 1)
+                    and keep.stride(3) == 1
+                    and keep.is_cpu
+                )
             )
         )
         if not self.ok:
@@ -828,12 +846,12 @@ class BlockSteps:
         blocks = len(self.reals) // 3
         if not self.ok or blocks == 0 or len(self.rows) != blocks * self._FIELDS:
             return None
-        table = torch.tensor(self.rows, dtype=torch.int64)
-        reals = torch.tensor(self.reals, dtype=torch.float32)
+        table = torch.tensor(self.rows, dtype=torch.int64, device=_CPU)
+        reals = torch.tensor(self.reals, dtype=torch.float32, device=_CPU)
         heads, dim, hidden = self.heads, self.dim, self.hidden
-        work = torch.empty(4 * heads * dim + 4 * hidden + self.width, dtype=torch.bfloat16)
-        scores = torch.empty(heads * (self.length + 2 * dim), dtype=torch.float32)
-        out = torch.empty(self.x.shape, dtype=torch.bfloat16)
+        work = torch.empty(4 * heads * dim + 4 * hidden + self.width, dtype=torch.bfloat16, device=_CPU)
+        scores = torch.empty(heads * (self.length + 2 * dim), dtype=torch.float32, device=_CPU)
+        out = torch.empty(self.x.shape, dtype=torch.bfloat16, device=_CPU)
         _kernel().decode_blocks(
             table.data_ptr(), reals.data_ptr(), blocks, self.x.data_ptr(), out.data_ptr(), hidden, heads, dim,
             self.cos.shape[-1], self.cos.data_ptr(), self.sin.data_ptr(), torch.get_num_threads(), work.data_ptr(),

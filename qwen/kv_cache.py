@@ -366,7 +366,7 @@ class GrowingLayer(DynamicLayer):
             and keys.data_ptr() == buffer.data_ptr()
             and keys.stride() == buffer.stride()
             and values.data_ptr() == self._value_buffer.data_ptr()
-            and keys.shape[:2] == key_states.shape[:2]
+            and keys.shape[:2] == key_states.shape[:2] == buffer.shape[:2]
         )
         if not ours or new > buffer.shape[-2]:
             room = new + max(GROWING_MIN_ROOM, new // 4)

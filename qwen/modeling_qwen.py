@@ -402,12 +402,14 @@ _BUILT_CLASSES: frozenset = frozenset()  # filled below, once the module classes
 
 def _as_built(module: nn.Module) -> bool:
     """A module of this file's own class (not replaced by an adapter's or quantizer's), with
-    no hooks and no patched forward: calling it runs exactly this file's code."""
+    no hooks, no patched forward and not compiled on its own (``module.compile()``):
+    calling it runs exactly this file's code."""
     return (
         type(module) in _BUILT_CLASSES
         and not module._forward_hooks
         and not module._forward_pre_hooks
         and "forward" not in module.__dict__
+        and module._compiled_call_impl is None
     )
 
 

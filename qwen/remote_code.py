@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -43,12 +44,21 @@ def _replace_file(path: Path, data: bytes) -> None:
     """Put ``data`` at ``path`` as a new regular file (written beside it, then renamed onto
     it): a symbolic link there is replaced, not written through. Checkpoints in the
     Hugging Face cache are links into its shared, content-addressed ``blobs/``; writing
-    through them would change the blob for every revision that shares it."""
+    through them would change the blob for every revision that shares it. The permission
+    bits stay those of the file (or the link's target); a new file gets the umask's."""
+    if path.exists():
+        mode = stat.S_IMODE(os.stat(path).st_mode)  # the file's (or the link target's) own
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask  # what open() would give a new file
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o644)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

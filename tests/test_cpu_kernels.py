@@ -221,12 +221,41 @@ def test_one_row_kernels_decline_what_they_do_not_handle():
         lambda: cpu_kernels.rotary_qk(
             torch.randn(1, 1, 2, 1, 16).bfloat16(), *[torch.ones(1, 1, 1, 1, 16).double()] * 2
         ),
+        lambda: cpu_kernels.linear_row(x, w.to("meta"), None),  # a weight elsewhere than the CPU
+        lambda: cpu_kernels.linear_row(x, w, None, residual=torch.ones(8, dtype=torch.bfloat16, device="meta")),
+        lambda: cpu_kernels.swiglu_row(x, w, None, w, None, norm=(w[0].to("meta"), 1e-6)),
     ]
     for call in declined:
         assert call() is None
     with torch.enable_grad():
         assert cpu_kernels.linear_row(x, w, None) is None
         assert cpu_kernels.rms_norm(x, w[0], 1e-6) is None
+
+
+@needs_compiler
+@torch.no_grad()
+def test_kernels_allocate_on_the_cpu_under_another_default_device(head128_dir):
+    """The kernels' outputs and scratch are CPU tensors whatever torch's default device
+    (the C code writes through their pointers): under ``torch.device("meta")`` a decoding
+    step through one C call, and each kernel on its own, give the results they give
+    without it."""
+    model = AutoModelForCausalLM.from_pretrained(head128_dir, dtype=torch.bfloat16).eval()
+    ids = rand_ids(1, 9, seed=2)
+    w, x = torch.randn(8, 16).bfloat16(), torch.randn(1, 16).bfloat16()
+    position = torch.tensor([[ids.shape[1] - 1]])
+    rotary = modeling_qwen.rotary_tables(*model.transformer.rotary_emb(position, None))
+    hidden = model.transformer.wte(ids[:, -1:])
+    layers = model.config.num_hidden_layers
+    outputs = []
+    for device in ("cpu", "meta"):
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :-1], past_key_values=cache)
+        with torch.device(device):
+            block_step = model.transformer._one_row_blocks(hidden, rotary, [None] * layers, cache)
+            kernels = (cpu_kernels.linear_row(x, w, None), cpu_kernels.rms_norm(x, w[0], 1e-6))
+        outputs.append((block_step, cache.layers[-1].keys, *kernels))
+    for plain, under_meta in zip(*outputs, strict=True):
+        assert under_meta.device.type == "cpu" and torch.equal(plain, under_meta)
 
 
 @needs_compiler
@@ -367,6 +396,9 @@ def test_steps_through_all_blocks_equal_block_by_block(request, monkeypatch, whi
     model.transformer.h[1].ln_2.register_forward_pre_hook(lambda module, args: None)
     model.generate(ids, max_new_tokens=3, do_sample=False)
     assert taken == [False, False]
+    block = model.transformer.h[0]
+    block.compile()  # compiled on its own (lazily, at its first call): its calls must go through it
+    assert block.one_row_parts(DynamicCache(config=model.config)) is None
 
 
 def modeling_qwen_kv():

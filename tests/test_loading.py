@@ -451,7 +451,15 @@ def test_update_remote_code_replaces_links_not_their_targets(tmp_path, tiny_dir)
         (blobs / name).write_text(text)
         (ckpt / name).unlink(missing_ok=True)
         (ckpt / name).symlink_to(blobs / name)
-    backup = write_remote_code(ckpt)
+    (blobs / "modeling_qwen.py").chmod(0o600)
+    (ckpt / "cpu_kernels.py").unlink(missing_ok=True)
+    umask = os.umask(0o022)
+    try:
+        backup = write_remote_code(ckpt)
+    finally:
+        os.umask(umask)
+    assert (ckpt / "modeling_qwen.py").stat().st_mode & 0o777 == 0o600  # the replaced file's mode kept
+    assert (ckpt / "cpu_kernels.py").stat().st_mode & 0o777 == 0o644  # a new file: 0o666 less the umask
     for name, text in originals.items():
         assert (blobs / name).read_text() == text, f"{name}: the link's target was written through"
         assert not (ckpt / name).is_symlink() and (backup / name).read_text() == text

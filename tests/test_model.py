@@ -180,6 +180,24 @@ def test_decoding_cache_grows_in_place(tiny_dir, monkeypatch, impl):
     assert (torch.cat(last, 1) - full[1:, 35:40]).abs().max().item() < ATOL
 
 
+def test_growing_layer_takes_rows_sliced_from_its_buffer():
+    """Keys and values set to a batch slice of a GrowingLayer's buffer (the same first
+    row, the same strides) are not its buffer: the next update starts new buffers of the
+    slice's batch instead of writing the new rows into every row of the old one."""
+    from qwen.kv_cache import GrowingLayer
+
+    layer, g = GrowingLayer(), torch.Generator().manual_seed(0)
+    two = [torch.randn(2, 3, 4, 8, generator=g) for _ in range(2)]
+    layer.update(*two)
+    layer.keys, layer.values = layer.keys[:1], layer.values[:1]  # keep sequence 0
+    new = [torch.randn(1, 3, 1, 8, generator=g) for _ in range(2)]
+    keys, values = layer.update(*new)
+    assert keys.shape == values.shape == (1, 3, 5, 8)
+    assert torch.equal(keys, torch.cat([two[0][:1], new[0]], 2))
+    assert torch.equal(values, torch.cat([two[1][:1], new[1]], 2))
+    assert layer.room_for_one()[0].shape[0] == 1
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_query_attention_reads_cache_views(dtype):
