@@ -538,19 +538,14 @@ def decode_attention(
 
 def _ready(x: torch.Tensor) -> bool:
     """A bf16 CPU tensor outside autograd and tracing: what every kernel here takes."""
-    return (
-        x.dtype == torch.bfloat16
-        and x.device.type == "cpu"
-        and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-    )
+    return x.dtype == torch.bfloat16 and x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def _matrix(weight: torch.Tensor, bias: torch.Tensor | None, n_in: int) -> bool:
     """A bf16 (N, n_in) weight with contiguous rows and an optional contiguous (N,) bf16 bias."""
-    if weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.shape[1] != n_in or weight.stride(1) != 1:
+    if weight.dtype != torch.bfloat16 or not weight.is_cpu or weight.dim() != 2:
         return False
-    if not weight.is_cpu:
+    if weight.shape[1] != n_in or weight.stride(1) != 1:
         return False
     return bias is None or (
         bias.dtype == torch.bfloat16 and bias.shape == weight.shape[:1] and bias.stride(0) == 1 and bias.is_cpu
@@ -768,7 +763,7 @@ class BlockSteps:
         """A (1, heads, room, dim) bf16 buffer with contiguous head vectors and room past ``position``."""
         return (
             buffer.dtype == torch.bfloat16
-            and buffer.device.type == "cpu"
+            and buffer.is_cpu
             and buffer.shape[:2] == (1, self.heads)
             and buffer.dim() == 4
             and buffer.shape[3] == self.dim
