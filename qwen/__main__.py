@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from qwen.remote_code import REMOTE_CODE_FILES
+from .remote_code import REMOTE_CODE_FILES
 
 
 def _tiny(args: argparse.Namespace) -> None:
