@@ -1,23 +1,14 @@
 """Generation helpers of the Qwen-1 models: ChatML prompts, stop words, decoding, chat.
 
-Kept at the official import path (``qwen_generation_utils``) with the official names, so
-existing user code and the official README's batch example keep working:
-
-- :func:`make_context` builds the prompt: the one ChatML prompt builder of this
-  repository, for ``chat()``, serving, finetuning data and evaluation alike,
-- :func:`decode_tokens` turns generated ids back into the response text,
-- :func:`get_stop_words_ids`, :class:`StopWordsCriteria` and
-  :class:`StopWordsLogitsProcessor` deal with stop words,
-- :class:`QWenChatMixin` gives :class:`QWenLMHeadModel` its ``chat()``,
-  ``chat_stream()`` and ``chat_batch()`` methods.
-
-The tokenizer is used through its public API only (``encode`` with
-``allowed_special``/``disallowed_special``, ``decode`` with ``errors``, the attributes
-``im_start_id``, ``im_end_id`` and ``eod_id``), so this module never imports it.
+The official module's path and names, so user code written for the official checkpoints keeps
+working. :func:`make_context` is the one ChatML prompt builder of this repository (chat,
+serving, finetuning data, evaluation); :class:`QWenChatMixin` gives the model ``chat()``,
+``chat_stream()`` and ``chat_batch()``. The tokenizer is used through its public API only.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import dataclasses
 import itertools
@@ -44,14 +35,16 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 ENDOFTEXT = "<|endoftext|>"
-# Used to pad batched prompts: a special token the models never generate, so logits
-# processors that look at the prompt ids (repetition_penalty) leave real tokens alone.
+# Pads batched prompts: a special token the models never generate, so logits processors
+# that look at the prompt ids (repetition_penalty) leave real tokens alone.
 _BATCH_PAD_TOKEN = "<|extra_0|>"
+# GenerationConfig's sampling-only fields, at values that make them unused (and unreported).
+_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "typical_p": 1.0, "min_p": None}
+_SAMPLING_DEFAULTS |= {"epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
 
 
 class UnknownChatFormatError(ValueError, NotImplementedError):
-    """A ``chat_format`` other than "chatml" or "raw". Also a ``NotImplementedError``,
-    the type the official code raised."""
+    """A ``chat_format`` other than "chatml" or "raw" (a ``NotImplementedError`` in the official code)."""
 
 
 class ChatFormatError(ValueError):
@@ -74,14 +67,9 @@ def _check_history(history: Iterable[Sequence[str]] | None) -> HistoryType:
         raise TypeError("history must be a list of (query, response) pairs, got a string")
     turns: HistoryType = []
     for index, turn in enumerate(history):
-        if isinstance(turn, (str, bytes)) or len(turn) != 2:
-            raise TypeError(f"history[{index}] must be a (query, response) pair, got {turn!r}")
-        query, response = turn
-        if not isinstance(query, str) or not isinstance(response, str):
-            raise TypeError(
-                f"history[{index}] must hold two strings, got ({type(query).__name__}, {type(response).__name__})"
-            )
-        turns.append((query, response))
+        if isinstance(turn, (str, bytes)) or len(turn) != 2 or not all(isinstance(text, str) for text in turn):
+            raise TypeError(f"history[{index}] must be a (query, response) pair of strings, got {turn!r}")
+        turns.append((turn[0], turn[1]))
     return turns
 
 
@@ -98,29 +86,17 @@ def make_context(
 ) -> tuple[str, TokensType]:
     """The prompt for ``query`` after ``history``: ``(raw_text, context_tokens)``.
 
-    ChatML (the -Chat models)::
+    ChatML (the -Chat models), lines joined by ``\\n``::
 
         <|im_start|>system\\n{system}<|im_end|>
         <|im_start|>user\\n{q}<|im_end|>\\n<|im_start|>assistant\\n{r}<|im_end|>   (each kept turn)
         <|im_start|>user\\n{query}<|im_end|>\\n<|im_start|>assistant\\n
 
-    (lines joined by ``\\n``). Every message is ``<|im_start|>`` + the role word + ``\\n`` +
-    the content + ``<|im_end|>``: the markers are inserted as token ids and the role
-    words and contents are tokenised separately, as plain text. Text in a query, a
-    response or the system prompt that looks like a special token (``<|im_end|>``) is
-    therefore never turned into one, so it cannot forge a turn. The token ids are those
-    of the official code.
-
-    History is kept newest turn first, as long as the system message and the kept turns
-    stay below ``max_window_size`` tokens (as in the official code, the current query is
-    not counted); the first turn that does not fit and all older ones are dropped.
-    ``max_window_size=None`` keeps everything.
-
-    ``chat_format="raw"`` (the base models) returns the query alone, encoded as it is.
-
-    Raises:
-        UnknownChatFormatError: for any other ``chat_format``.
-        TypeError: if ``history`` is not a list of ``(query, response)`` string pairs.
+    The markers are token ids; role words and contents are encoded as plain text, so text
+    that looks like a special token (``<|im_end|>``) cannot forge a turn. History is kept
+    newest turn first while the system message and the kept turns stay below
+    ``max_window_size`` tokens (the query is not counted, as in the official code; ``None``
+    keeps everything). ``chat_format="raw"`` (the base models) returns the query alone.
     """
     _check_chat_format(chat_format)
     if not isinstance(query, str):
@@ -167,10 +143,8 @@ def make_context(
 
 
 def get_stop_words_ids(chat_format: str, tokenizer: Any) -> list[list[int]]:
-    """Stop words of a chat format, as lists of token ids (the official values).
-
-    chatml: ``[[<|im_end|>], [<|im_start|>]]``; raw: ``[ids of "Human:", [<|endoftext|>]]``.
-    """
+    """Stop words of a chat format as token-id lists (the official values): chatml
+    ``[[<|im_end|>], [<|im_start|>]]``, raw ``[ids of "Human:", [<|endoftext|>]]``."""
     _check_chat_format(chat_format)
     if chat_format == "chatml":
         return [[tokenizer.im_end_id], [tokenizer.im_start_id]]
@@ -178,30 +152,29 @@ def get_stop_words_ids(chat_format: str, tokenizer: Any) -> list[list[int]]:
 
 
 def _normalize_stop_words(stop_words_ids) -> list[list[int]]:
-    words = []
-    for word in stop_words_ids:
-        if isinstance(word, int):
-            word = [word]
-        word = [int(t) for t in word]
-        if word:
-            words.append(word)
-    return words
+    """Token-id lists (a bare int is a one-token word; empty words are dropped)."""
+    words = [[int(t) for t in ([word] if isinstance(word, int) else word)] for word in stop_words_ids]
+    return [word for word in words if word]
 
 
 def _as_id_list(ids) -> list[int]:
-    if ids is None:
-        return []
     if isinstance(ids, torch.Tensor):
         ids = ids.tolist()
-    if isinstance(ids, int):
-        return [ids]
-    return [int(i) for i in ids]
+    return [] if ids is None else [ids] if isinstance(ids, int) else [int(i) for i in ids]
+
+
+def _token_id(value: Any) -> int | None:
+    """``value`` as a non-negative Python int (also from numpy or 0-d tensor integers), else None."""
+    try:
+        index = operator.index(value)
+    except TypeError:
+        return None
+    return None if isinstance(value, bool) or index < 0 else index
 
 
 class StopWordsCriteria(StoppingCriteria):
-    """Stops a row once its generated ids end with any of ``stop_words_ids``
-    (a list of token-id lists; multi-token sequences allowed). The stop word itself
-    is kept in the output, as in the official code."""
+    """Stops a row once its ids end with any of ``stop_words_ids`` (token-id lists, several
+    tokens long or one); the stop word stays in the output, as in the official code."""
 
     def __init__(self, stop_words_ids):
         self.stop_words_ids = _normalize_stop_words(stop_words_ids)
@@ -209,38 +182,27 @@ class StopWordsCriteria(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for word in self.stop_words_ids:
-            n = len(word)
-            if n > input_ids.shape[1]:
-                continue
-            target = torch.tensor(word, device=input_ids.device, dtype=input_ids.dtype)
-            done |= (input_ids[:, -n:] == target).all(dim=-1)
+            if len(word) <= input_ids.shape[1]:
+                target = torch.tensor(word, device=input_ids.device, dtype=input_ids.dtype)
+                done |= (input_ids[:, -len(word) :] == target).all(dim=-1)
         return done
 
 
 class StopWordsLogitsProcessor(LogitsProcessor):
-    """Forces ``eos_token_id`` as the next token of every row whose ids end with one of
-    ``stop_words_ids`` (lists of token ids; multi-token sequences allowed), so generation
-    ends right after a stop word.
-
-    The official name and arguments, kept for user code; ``generate()`` of this package
-    stops on ``stop_words_ids`` through :class:`StopWordsCriteria` instead, which does not
-    spend an extra step on the end token. A stop word equal to ``[eos_token_id]`` is
-    ignored (``generate`` already stops there).
-    """
+    """Forces ``eos_token_id`` as the next token of every row that ends with one of
+    ``stop_words_ids``. The official name and arguments, for user code; ``generate()`` of
+    this package stops at ``stop_words_ids`` through :class:`StopWordsCriteria`, which
+    spends no extra step on the end token. A stop word ``[eos_token_id]`` is dropped."""
 
     def __init__(self, stop_words_ids: Iterable[Iterable[int]], eos_token_id: int | Sequence[int]):
         message = f"stop_words_ids must be a non-empty list of non-empty token-id lists, got {stop_words_ids!r}"
         if isinstance(stop_words_ids, (str, bytes)) or not isinstance(stop_words_ids, Iterable):
             raise ValueError(message)
-        words = []
-        for word in stop_words_ids:
-            if isinstance(word, (str, bytes)) or not isinstance(word, Iterable):
-                raise ValueError(message)
-            ids = [_token_id(t) for t in word]
-            if not ids or None in ids:
-                raise ValueError(message)
-            words.append(ids)
-        if not words:
+        words = [
+            [_token_id(t) for t in word] if isinstance(word, Iterable) and not isinstance(word, (str, bytes)) else []
+            for word in stop_words_ids
+        ]
+        if not words or any(not word or None in word for word in words):
             raise ValueError(message)
         eos = _as_id_list(eos_token_id)
         if not eos:
@@ -256,17 +218,6 @@ class StopWordsLogitsProcessor(LogitsProcessor):
             scores[stopped] = float("-inf")
             scores[stopped, self.eos_token_id] = 0.0
         return scores
-
-
-def _token_id(value: Any) -> int | None:
-    """``value`` as a non-negative Python int (also from numpy or 0-d tensor integers), else None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        value = operator.index(value)
-    except TypeError:
-        return None
-    return value if value >= 0 else None
 
 
 # --------------------------------------------------------------------------- decoding
@@ -297,21 +248,11 @@ def decode_tokens(
     return_end_reason: bool = False,
     errors: str = "replace",
 ) -> str | tuple[str, str]:
-    """The response text in ``tokens`` (the prompt's ``context_length`` ids followed by
-    the generated ones), with surrounding whitespace stripped.
-
-    The text ends before the first ``<|im_end|>``, ``<|im_start|>`` or ``<|endoftext|>``
-    (chatml) or before the first ``<|endoftext|>`` (raw); anything after it (padding of a
-    finished batch row, say) is dropped. ``errors`` is the ``bytes.decode`` error handler
-    for bytes that do not form valid UTF-8.
-
-    The prompt is split off by token count (``context_length``), which stays exact when
-    the tokenizer normalised the prompt text; ``raw_text_len`` (the prompt's length in
-    characters) is accepted for compatibility with the official signature. With
-    ``return_end_reason`` the result is ``(text, reason)``, reason being
-    ``"Gen length N"`` (ran out of tokens) or ``"Gen '<|im_end|>'"`` (the end token met).
-    ``verbose`` logs the raw and the final text at INFO level.
-    """
+    """The response in ``tokens`` (``context_length`` prompt ids, then the generated ones),
+    stripped, up to the first ``<|im_end|>``, ``<|im_start|>`` or ``<|endoftext|>`` (chatml)
+    or ``<|endoftext|>`` (raw); ``errors`` handles bytes that are not UTF-8. ``raw_text_len``
+    is unused (the official signature). ``return_end_reason`` returns ``(text, reason)``, reason
+    ``"Gen length N"`` or ``"Gen '<|im_end|>'"``; ``verbose`` logs the raw and the final text."""
     _check_chat_format(chat_format)
     if isinstance(tokens, torch.Tensor):
         tokens = tokens.tolist()
@@ -329,9 +270,8 @@ def decode_tokens(
 
 
 def _stream_text(tokenizer: Any, generated: Sequence[int], end_ids: frozenset[int], final: bool) -> str:
-    """The response so far. Until the response is complete, trailing U+FFFD characters
-    are held back: they are (or may be) the first bytes of a character whose remaining
-    bytes arrive with the next tokens."""
+    """The response so far. Until it is complete, trailing U+FFFD characters are held back:
+    they may be the first bytes of a character whose other bytes come with the next tokens."""
     kept, end_token = _cut(generated, end_ids)
     text = tokenizer.decode(kept, errors="replace")
     if not final and end_token is None:
@@ -349,28 +289,12 @@ _stream_ids = itertools.count()
 def call_off_main_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)`` run in a short-lived thread: its result, or its exception.
 
-    Load a model this way when its decoding will run in other threads (``chat_stream``'s
-    generation thread, a server's engine loop). torch's parallel work on the main thread
-    leaves OpenMP worker threads behind, kept for the main thread; once more OpenMP
-    threads exist than cores, the OpenMP runtime (GNU libgomp) stops spinning between
-    parallel regions, and every decoding step in another thread ran 10-20% slower (2-core
-    CPU, 1.8B bf16 model, one row or sixteen). A thread that has ended leaves none behind.
-    """
-    result: list[Any] = []
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            result.append(fn(*args, **kwargs))
-        except BaseException as error:  # handed back to the caller
-            failure.append(error)
-
-    thread = threading.Thread(target=run, name="qwen-loader")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return result[0]
+    Load a model this way when it will decode in other threads (``chat_stream``, a server):
+    torch's parallel work on the main thread leaves OpenMP workers behind, and with more of
+    them than cores GNU libgomp stops spinning between parallel regions, slowing every
+    decoding step in other threads. A thread that has ended leaves none behind."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qwen-loader") as thread:
+        return thread.submit(fn, *args, **kwargs).result()  # leaving the block joins the thread
 
 
 class _TokenQueueStreamer(BaseStreamer):
@@ -381,10 +305,9 @@ class _TokenQueueStreamer(BaseStreamer):
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.sink.put([int(t) for t in value.reshape(-1).tolist()])
+        if self.prompt_seen:
+            self.sink.put([int(t) for t in value.reshape(-1).tolist()])
+        self.prompt_seen = True
 
     def end(self) -> None:
         pass  # the generation thread signals the end itself, also after an exception
@@ -403,15 +326,15 @@ class _EventCriteria(StoppingCriteria):
 # --------------------------------------------------------------------------- chat
 
 
-def _bad_chat_format_message(chat_format: Any, method: str) -> str:
-    return (
-        f"model.{method}() needs a chat model, but this model's generation config has "
-        f"chat_format={chat_format!r} instead of 'chatml'. This is probably a base (pretrained) "
-        "checkpoint such as Qwen/Qwen-7B: load the -Chat checkpoint (e.g. Qwen/Qwen-7B-Chat) to chat, or "
-        "use model.generate() for plain text completion with a base model. For a chat finetune whose "
-        "generation_config.json lacks the setting, set model.generation_config.chat_format = 'chatml' "
-        "(and max_window_size), or pass such a generation_config."
-    )
+def greedy_config_without_sampling_fields(config: Any) -> Any:
+    """A copy of the ``GenerationConfig`` ``config``; if its ``do_sample`` is False (not None),
+    with the sampling-only fields at their defaults, so that ``generate()`` does not warn that a
+    checkpoint's ``top_p``/``top_k`` are unused. Greedy and beam search never read them."""
+    config = copy.deepcopy(config)
+    if config.do_sample is False:
+        for name, value in _SAMPLING_DEFAULTS.items():
+            setattr(config, name, value)
+    return config
 
 
 @dataclasses.dataclass
@@ -430,26 +353,17 @@ class QWenChatMixin:
     """``chat()``, ``chat_stream()`` and ``chat_batch()`` for :class:`QWenLMHeadModel`.
 
     All three build the prompt with :func:`make_context` from the generation config's
-    ``chat_format`` (which must be "chatml") and ``max_window_size``, stop at
-    ``<|im_end|>``/``<|im_start|>`` (plus any ``stop_words_ids`` given, and those of the
-    generation config) and decode with :func:`decode_tokens`. Further keyword arguments
-    (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``top_k``,
-    ``repetition_penalty``, ``logits_processor``, ...) go to ``generate()``;
-    ``max_window_size=`` overrides the generation config's.
+    ``chat_format`` (which must be "chatml") and ``max_window_size`` (``max_window_size=``
+    overrides it), stop at ``<|im_end|>``/``<|im_start|>`` and at the ``stop_words_ids``
+    given or in the generation config, and decode with :func:`decode_tokens`. Further
+    keyword arguments (``max_new_tokens``, ``do_sample``, ``top_p``, ``logits_processor``,
+    ...) go to ``generate()``; ``append_history=False`` leaves the new turn out of the
+    returned history. The caller's history is never modified.
     """
 
-    def _prepare_chat(
-        self,
-        method: str,
-        tokenizer: Any,
-        query: str,
-        history: HistoryType | None,
-        system: str,
-        stop_words_ids: Sequence[Sequence[int]] | None,
-        generation_config: Any,
-        generate_kwargs: dict[str, Any],
-    ) -> _ChatRequest:
-        kwargs = dict(generate_kwargs)
+    def _prepare_chat(self, method, tokenizer, query, history, system, stop_words_ids, generation_config, kwargs):
+        """Check one chat call and build its :class:`_ChatRequest` (``method`` names it in errors)."""
+        kwargs = dict(kwargs)
         for name in ("stream", "streamer", "return_dict_in_generate"):
             if name in kwargs:
                 hint = "; use model.chat_stream() to stream" if name != "return_dict_in_generate" else ""
@@ -458,7 +372,12 @@ class QWenChatMixin:
             generation_config = self.generation_config
         chat_format = getattr(generation_config, "chat_format", None)
         if chat_format != "chatml":
-            raise ChatFormatError(_bad_chat_format_message(chat_format, method))
+            raise ChatFormatError(
+                f"model.{method}() needs a chat model, but this model's generation config has chat_format="
+                f"{chat_format!r} instead of 'chatml': probably a base checkpoint such as Qwen/Qwen-7B. Load the -Chat "
+                "checkpoint (e.g. Qwen/Qwen-7B-Chat) to chat, or use model.generate() for plain completion. For a chat "
+                "finetune lacking the setting, set model.generation_config.chat_format = 'chatml' (and max_window_size)."
+            )
         max_window_size = kwargs.pop("max_window_size", None)
         if max_window_size is None:
             max_window_size = getattr(generation_config, "max_window_size", None)
@@ -471,17 +390,20 @@ class QWenChatMixin:
         stop += _normalize_stop_words(getattr(generation_config, "stop_words_ids", None) or [])
         stop += get_stop_words_ids(chat_format, tokenizer)
         stop = [list(word) for word in dict.fromkeys(tuple(word) for word in stop)]
-        config, model_kwargs = _generation_inputs(generation_config, kwargs)
+        # generate() wants a config or generation arguments, not both: the config gets them.
+        config = copy.deepcopy(generation_config)
+        config.do_sample = kwargs.get("do_sample", config.do_sample)
+        if config.do_sample is None:  # as generate() decides
+            config.do_sample = bool(self.generation_config.do_sample)
+        config = greedy_config_without_sampling_fields(config)
+        model_kwargs = config.update(**kwargs)
+        config.return_dict_in_generate = False
         return _ChatRequest(raw_text, context, history, stop, config, model_kwargs)
 
     def _generate_chat(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: _ChatRequest, **extra):
+        kwargs = dict(request.model_kwargs, stop_words_ids=request.stop_words_ids, **extra)
         return self.generate(
-            input_ids,
-            attention_mask=attention_mask,
-            stop_words_ids=request.stop_words_ids,
-            generation_config=request.generation_config,
-            **request.model_kwargs,
-            **extra,
+            input_ids, attention_mask=attention_mask, generation_config=request.generation_config, **kwargs
         )
 
     def chat(
@@ -494,50 +416,14 @@ class QWenChatMixin:
         generation_config: Any = None,
         **generate_kwargs: Any,
     ) -> tuple[str, HistoryType]:
-        """One chat turn: ``(response, history)``.
-
-        Args:
-            tokenizer: The model's ``QWenTokenizer``.
-            query: The user's message.
-            history: Earlier turns as ``(query, response)`` pairs, oldest first. Never
-                modified: the returned history is a new list.
-            system: The system prompt.
-            stop_words_ids: Extra stop sequences (lists of token ids), on top of
-                ``<|im_end|>`` and ``<|im_start|>``.
-            generation_config: Used instead of ``self.generation_config``; its
-                ``chat_format`` must be "chatml" (a chat model) and its
-                ``max_window_size`` bounds the kept history.
-            **generate_kwargs: Passed to ``generate()`` (``max_new_tokens``,
-                ``do_sample``, ``temperature``, ``top_p``, ``repetition_penalty``, ...).
-                ``max_window_size=`` overrides the config's; ``append_history=False``
-                returns the history without the new turn.
-
-        Returns:
-            The response text (stripped, up to the first end token) and the history with
-            ``(query, response)`` appended.
-
-        Raises:
-            ChatFormatError: for a generation config whose chat_format is not "chatml"
-                (a base model).
-        """
-        append_history = generate_kwargs.pop("append_history", True)
-        request = self._prepare_chat(
-            "chat", tokenizer, query, history, system, stop_words_ids, generation_config, generate_kwargs
+        """One chat turn: ``(response, history)``, the history (oldest turn first) a new list with
+        ``(query, response)`` added. ``stop_words_ids``: extra stop sequences (token-id lists);
+        ``generation_config`` replaces ``self.generation_config``. Raises
+        :class:`ChatFormatError` for a generation config whose chat_format is not "chatml"."""
+        responses, histories = self._chat_rows(
+            "chat", tokenizer, [query], [history], system, stop_words_ids, generation_config, generate_kwargs
         )
-        input_ids = torch.tensor([request.context], dtype=torch.long, device=self.device)
-        outputs = self._generate_chat(input_ids, torch.ones_like(input_ids), request)
-        response = decode_tokens(
-            outputs[0],
-            tokenizer,
-            raw_text_len=len(request.raw_text),
-            context_length=len(request.context),
-            chat_format="chatml",
-            errors="replace",
-        )
-        history = request.history
-        if append_history:
-            history.append((query, response))
-        return response, history
+        return responses[0], histories[0]
 
     def chat_stream(
         self,
@@ -549,19 +435,13 @@ class QWenChatMixin:
         generation_config: Any = None,
         **generate_kwargs: Any,
     ) -> Iterator[str]:
-        """Like :meth:`chat`, but returns an iterator over the growing response.
+        """Like :meth:`chat`, but an iterator over the growing response (not the history).
 
-        Each item is the whole response so far (not a delta), and each item extends the
-        previous one; the last item equals what ``chat()`` returns for the same
-        arguments. A character whose UTF-8 bytes are split over several tokens shows up
-        once all of them have arrived, so items never end in a broken character. The
-        history is not returned: append ``(query, last_item)`` yourself.
-
-        Generation runs in a background thread, started by the first ``next()``.
-        Closing the iterator (``close()``, leaving a ``for`` loop over it with ``break``
-        and dropping it, or garbage collection) stops generation after the current token
-        and waits for the thread to end. The arguments are checked and the prompt built
-        when this method is called.
+        Each item is the whole response so far and extends the previous one; the last equals
+        what ``chat()`` returns. A character split over several tokens shows up once all of
+        them have arrived. The arguments are checked now; generation runs in a thread started
+        by the first ``next()``. Closing the iterator (``close()``, ``break``, garbage
+        collection) stops generation after the current token and waits for the thread.
         """
         generate_kwargs.pop("append_history", None)
         request = self._prepare_chat(
@@ -580,12 +460,9 @@ class QWenChatMixin:
 
         def run() -> None:
             try:
+                streamer = _TokenQueueStreamer(tokens)
                 self._generate_chat(
-                    input_ids,
-                    torch.ones_like(input_ids),
-                    request,
-                    streamer=_TokenQueueStreamer(tokens),
-                    stopping_criteria=criteria,
+                    input_ids, torch.ones_like(input_ids), request, streamer=streamer, stopping_criteria=criteria
                 )
             except BaseException as error:  # handed to the consumer
                 failure.append(error)
@@ -597,10 +474,7 @@ class QWenChatMixin:
         try:
             generated: list[int] = []
             emitted = ""
-            while True:
-                item = tokens.get()
-                if item is _END:
-                    break
+            while (item := tokens.get()) is not _END:
                 generated.extend(item)
                 text = _stream_text(tokenizer, generated, end_ids, final=False)
                 if text != emitted:  # only longer: text always extends the previous one
@@ -628,12 +502,9 @@ class QWenChatMixin:
         """Several independent chats in one ``generate()`` call: ``(responses, histories)``.
 
         ``queries[i]`` continues ``histories[i]`` (None: a new chat); all share ``system``.
-        The prompts are left-padded with ``<|extra_0|>`` and masked; the model derives
-        positions from the attention mask, so padding changes nothing: under greedy
-        decoding each response equals what :meth:`chat` returns for that query alone (up
-        to floating-point differences between batched and single-row kernels). Each row
-        ends at its own first stop word. Arguments as in :meth:`chat`; the histories
-        passed in are not modified.
+        The prompts are left-padded with ``<|extra_0|>`` and masked, so under greedy decoding
+        each response equals what :meth:`chat` returns for that query alone (up to
+        floating-point differences between batched and single-row kernels).
         """
         if isinstance(queries, str):
             raise TypeError("queries must be a list of strings; use model.chat() for a single query")
@@ -644,16 +515,23 @@ class QWenChatMixin:
             raise ValueError("histories must be None or a list with one history (or None) per query")
         if generate_kwargs.get("num_return_sequences", 1) != 1:
             raise ValueError("model.chat_batch() returns one response per query; num_return_sequences must be 1")
+        return self._chat_rows(
+            "chat_batch", tokenizer, queries, histories, system, stop_words_ids, generation_config, generate_kwargs
+        )
+
+    def _chat_rows(
+        self, method, tokenizer, queries, histories, system, stop_words_ids, generation_config, generate_kwargs
+    ) -> tuple[list[str], list[HistoryType]]:
+        """``chat()`` (one row) and ``chat_batch()``: generate for all rows at once and decode each."""
         append_history = generate_kwargs.pop("append_history", True)
         requests = [
             self._prepare_chat(
-                "chat_batch", tokenizer, query, history, system, stop_words_ids, generation_config, generate_kwargs
+                method, tokenizer, query, history, system, stop_words_ids, generation_config, generate_kwargs
             )
             for query, history in zip(queries, histories, strict=True)
         ]
         if not requests:
             return [], []
-
         width = max(len(request.context) for request in requests)
         input_ids = torch.full((len(requests), width), _batch_pad_id(tokenizer), dtype=torch.long)
         attention_mask = torch.zeros((len(requests), width), dtype=torch.long)
@@ -662,35 +540,19 @@ class QWenChatMixin:
             attention_mask[row, width - len(request.context) :] = 1
         first = requests[0]
         outputs = self._generate_chat(input_ids.to(self.device), attention_mask.to(self.device), first).tolist()
-
+        # chat() keeps the official behaviour with num_return_sequences > 1: the first sequence.
+        outputs = outputs[:: first.generation_config.num_return_sequences or 1]
         eos_ids = set(_as_id_list(first.generation_config.eos_token_id))
-        responses: list[str] = []
-        new_histories: list[HistoryType] = []
+        responses = []
         for query, request, sequence in zip(queries, requests, outputs, strict=True):
             generated = _until_stop(request.context, sequence[width:], request.stop_words_ids, eos_ids)
-            response = decode_tokens(
-                request.context + generated,
-                tokenizer,
-                raw_text_len=len(request.raw_text),
-                context_length=len(request.context),
-                chat_format="chatml",
-                errors="replace",
+            context = request.context
+            responses.append(
+                decode_tokens(context + generated, tokenizer, len(request.raw_text), len(context), "chatml")
             )
             if append_history:
-                request.history.append((query, response))
-            responses.append(response)
-            new_histories.append(request.history)
-        return responses, new_histories
-
-
-def _generation_inputs(generation_config: Any, generate_kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """A copy of ``generation_config`` updated with the generation arguments among
-    ``generate_kwargs``, and the remaining (model) arguments: ``generate()`` wants one or
-    the other, not a config and generation arguments together."""
-    config = copy.deepcopy(generation_config)
-    model_kwargs = config.update(**generate_kwargs)
-    config.return_dict_in_generate = False
-    return config, model_kwargs
+                request.history.append((query, responses[-1]))
+        return responses, [request.history for request in requests]
 
 
 def _batch_pad_id(tokenizer: Any) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
+import logging
 import subprocess
 import sys
 import threading
@@ -18,6 +20,7 @@ import tiktoken
 import torch
 from conftest import REPO
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
+from transformers.utils import logging as hf_logging
 
 import qwen  # noqa: F401  (registers the Auto classes)
 from qwen.qwen_generation_utils import (
@@ -318,6 +321,57 @@ def test_base_model_is_refused(tiny_dir, tokenizer):
 def test_stream_argument_is_refused(model, tokenizer):
     with pytest.raises(TypeError, match="chat_stream"):
         model.chat(tokenizer, "hi", stream=True)
+
+
+@pytest.fixture
+def sampling_warnings():
+    """The messages transformers logs during the test that name top_p or top_k (its
+    once-per-process cache of warnings is cleared first, so none is swallowed)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    hf_logging.warning_once.cache_clear()
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        yield lambda: [r.getMessage() for r in records if "top_p" in r.getMessage() or "top_k" in r.getMessage()]
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+        hf_logging.warning_once.cache_clear()
+
+
+@torch.no_grad()
+def test_greedy_chat_does_not_warn_about_the_checkpoints_sampling_fields(
+    tiny_chat_dir, tmp_path, model, tokenizer, sampling_warnings
+):
+    """A generation_config.json like the official one (top_k 0, top_p 0.8) but greedy: the
+    chat methods neither report top_p/top_k as unused nor generate other tokens than greedy
+    decoding with that config."""
+    ckpt = tmp_path / "greedy-chat"
+    ckpt.mkdir()
+    for item in tiny_chat_dir.iterdir():
+        if item.name != "generation_config.json":
+            (ckpt / item.name).symlink_to(item)
+    config = json.loads((tiny_chat_dir / "generation_config.json").read_text())
+    assert (config["top_k"], config["top_p"]) == (0, 0.8)
+    (ckpt / "generation_config.json").write_text(json.dumps(config | {"do_sample": False}))
+    greedy = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    greedy.generation_config.validate()
+    assert sampling_warnings()  # the capture sees transformers' warning
+    hf_logging.warning_once.cache_clear()
+    seen = len(sampling_warnings())
+
+    response, _ = greedy.chat(tokenizer, "hi", max_new_tokens=4)
+    streamed = list(greedy.chat_stream(tokenizer, "hi", max_new_tokens=4))
+    batch, _ = greedy.chat_batch(tokenizer, ["hi", "there"], max_new_tokens=4)
+    model.chat(tokenizer, "hi", do_sample=False, max_new_tokens=4)  # sampling checkpoint, greedy call
+    assert len(sampling_warnings()) == seen
+
+    _, context = make_context(tokenizer, "hi", system=SYSTEM)
+    ids = torch.tensor([context])
+    out = greedy.generate(
+        ids, attention_mask=torch.ones_like(ids), generation_config=greedy.generation_config, max_new_tokens=4
+    )
+    assert response == streamed[-1] == batch[0] == decode_by_hand(tokenizer, out[0, len(context) :].tolist())
 
 
 # --------------------------------------------------------------------------- chat_stream()
