@@ -1,45 +1,40 @@
 """Small C kernels for one-row (decoding) steps on CPU in bf16, built on first use.
 
 A decoding step multiplies one row per sequence by every weight matrix and attends with
-one query row per (sequence, head) over the cached keys and values. torch's general
-kernels do that well below memory speed on CPU: each small operation between the matrix
-products (norms, rotary embedding, SiLU) costs a dispatch and a pass over threads that
-are longer than its arithmetic, its matrix-vector product streams layer-sized weights
-~10% slower than a plain loop does, and its attention over many small matrices is slower
-still (a 16-row step of a 1.8B model spent 40-60 ms of ~220 in attention). The kernels:
+one query row per (sequence, head) over the cached keys and values, where torch's general
+CPU kernels stay below memory speed (a dispatch and a pass over threads per small
+operation; attention over many small matrices). The kernels, each rounding to bf16 where
+the torch code it replaces does (results differ only by the order of float32 sums):
 
-- :func:`linear_row`: ``F.linear`` of one row (a matrix-vector product with float32
-  accumulation, in parallel over output rows; AVX512-BF16 dot products where the CPU
-  has them);
-- :func:`swiglu_row`: the MLP's ``w1(x) * silu(w2(x))`` for one row, both products and
-  the gate in one pass;
+- :func:`linear_row`: ``F.linear`` of one row, optionally plus a residual (float32
+  accumulation, in parallel over output rows; AVX512-BF16 dot products where available);
+- :func:`swiglu_row`: the MLP's ``w1(x) * silu(w2(x))`` for one row in one pass;
 - :func:`rms_norm`: the model's RMSNorm (float32, rounded, times the weight);
-- :func:`rotary_qk`: the rotary embedding of one step's queries and keys;
 - :func:`decode_attention`: ``softmax(q k^T * scaling, masked) v`` per (row, head) in
-  float32 from the bf16 cache in place (no float copy of the cache), skipping masked
-  (padding) keys, in parallel over rows and heads;
+  float32 from the bf16 cache in place, skipping masked keys;
 - :class:`BlockSteps`: every block of a single-sequence decoding step in one call, the
   kernels above in turn with the step's keys and values written into the cache's
-  buffers, so that no Python runs between the blocks' kernels (each Python operation
-  between two products costs 3-5x its warm time: the product has just streamed its
-  weights through the CPU's caches).
+  buffers, with no Python between the blocks' kernels.
 
-Each rounds to bf16 where the torch code it replaces does, so results differ from it
-only by the order of float32 sums (rarely a last bf16 bit).
+The boundary is declared once, in Python: ``_ENTRY_POINTS`` (each exported C function's
+arguments and their C types) and ``_BLOCK_FIELDS``/``_BLOCK_REALS`` (the fields of
+BlockSteps' table). From them come the ctypes argument types, Python functions that take
+those arguments by name, and a header of C prototypes and field enums compiled ahead of
+the definitions, so that the C compiler rejects a definition that disagrees.
 
-The C source below is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``,
-``-O3 -march=native -fopenmp``; about 0.5 s) the first time it is needed and cached
-under ``$QWEN_KERNEL_CACHE`` (default ``~/.cache/qwen/kernels``; when that cannot be
-written, a private ``qwen-kernels-<uid>`` directory in the system's temporary directory,
-used only while it is the user's own and writable by nobody else), keyed by the source,
-the compiler and the CPU's feature flags. Without a compiler, or with
-``QWEN_CPU_KERNELS=0``, every function here returns ``None`` and the model runs its torch
-code as before.
+The source is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``)
+when first needed and cached under ``$QWEN_KERNEL_CACHE`` (default
+``~/.cache/qwen/kernels``; when that cannot be written, a private ``qwen-kernels-<uid>``
+directory in the system's temporary directory, used only while it is the user's own and
+writable by nobody else), keyed by the source, the flags, the compiler and the CPU's
+features. Without a compiler, or with ``QWEN_CPU_KERNELS=0``, every function here returns
+``None`` and the caller runs its torch code.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -58,8 +53,67 @@ logger = logging.getLogger(__name__)
 
 _CPU = torch.device("cpu")
 
-_SOURCE = r"""
-#include <stdint.h>
+# C types of the entry points' arguments (bf16 values travel as uint16_t)
+_IN, _OUT, _F32_IN, _F32_OUT = "const uint16_t *", "uint16_t *", "const float *", "float *"
+_I64, _F32, _INT = "int64_t", "float", "int"
+_CTYPES = {_I64: ctypes.c_int64, _F32: ctypes.c_float, _INT: ctypes.c_int}  # pointers: ctypes.c_void_p
+
+# The exported C functions, qwen_<name>_bf16 (returning void): their arguments, in order, as
+# (name, C type). Python passes them by these names; the C definitions must match them.
+_ENTRY_POINTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "decode_attention": (
+        ("q", _IN), ("qs_b", _I64), ("qs_h", _I64),
+        ("k", _IN), ("ks_b", _I64), ("ks_h", _I64), ("ks_l", _I64),
+        ("v", _IN), ("vs_b", _I64), ("vs_h", _I64), ("vs_l", _I64),
+        ("keep", "const uint8_t *"), ("keep_b", _I64), ("out", _OUT),
+        ("B", _I64), ("H", _I64), ("L", _I64), ("D", _I64), ("scale", _F32), ("threads", _INT), ("scratch", _F32_OUT),
+    ),
+    "linear_row": (
+        ("W", _IN), ("ldw", _I64), ("x", _IN), ("norm_w", _IN), ("eps", _F32), ("bias", _IN), ("residual", _IN),
+        ("out", _OUT), ("N", _I64), ("K", _I64), ("threads", _INT), ("scratch", _OUT),
+    ),
+    "swiglu_row": (
+        ("W1", _IN), ("ld1", _I64), ("b1", _IN), ("W2", _IN), ("ld2", _I64), ("b2", _IN), ("x", _IN),
+        ("norm_w", _IN), ("eps", _F32), ("out", _OUT), ("N", _I64), ("K", _I64), ("threads", _INT), ("scratch", _OUT),
+    ),
+    "rms_norm": (
+        ("x", _IN), ("xs", _I64), ("w", _IN), ("out", _OUT), ("rows", _I64), ("H", _I64), ("eps", _F32),
+        ("threads", _INT),
+    ),
+    "decode_blocks": (
+        ("table", "const int64_t *"), ("reals", _F32_IN), ("n_blocks", _I64), ("x", _IN), ("out", _OUT),
+        ("hidden", _I64), ("H", _I64), ("D", _I64), ("rot", _I64), ("cos", _F32_IN), ("sin", _F32_IN),
+        ("threads", _INT), ("work", _OUT), ("scores", _F32_OUT),
+    ),
+}  # fmt: skip
+
+# One block's fields in qwen_decode_blocks_bf16's table, C enums B_<NAME> (int64: pointers as
+# addresses, strides in elements) and R_<NAME> (float32); :meth:`BlockSteps.add` fills them by name.
+_PRODUCTS = {name: (name, f"{name}_ld", f"{name}_bias") for name in ("c_attn", "c_proj", "w1", "w2", "mlp_proj")}
+_BLOCK_FIELDS = (
+    "ln_1", "ln_2", *(field for fields in _PRODUCTS.values() for field in fields),
+    "keys", "keys_head", "keys_pos", "values", "values_head", "values_pos", "position", "keep", "width",
+)  # fmt: skip
+_BLOCK_REALS = ("ln_1_eps", "ln_2_eps", "scaling")
+
+
+def _source(entry_points=_ENTRY_POINTS, block_fields=_BLOCK_FIELDS, block_reals=_BLOCK_REALS) -> str:
+    """The C source as compiled: a header generated from the declarations (the entry points'
+    prototypes, the table's field enums), then the definitions."""
+
+    def enum(prefix: str, names) -> str:
+        return "enum { " + "".join(f"{prefix}_{name.upper()}, " for name in names) + f"{prefix}_FIELDS }};\n"
+
+    def prototype(name: str, arguments) -> str:
+        parameters = (f"{c_type}{'' if c_type.endswith('*') else ' '}{argument}" for argument, c_type in arguments)
+        return f"void qwen_{name}_bf16({', '.join(parameters)});\n"
+
+    prototypes = "".join(prototype(name, arguments) for name, arguments in entry_points.items())
+    header = "#include <stdint.h>\n" + prototypes + enum("B", block_fields) + enum("R", block_reals)
+    return "/* generated from cpu_kernels.py's declarations */\n" + header + _DEFINITIONS
+
+
+_DEFINITIONS = r"""
 #include <math.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -207,9 +261,8 @@ static inline float dot_bf16(const uint16_t *w, const uint16_t *x, int64_t K) {
 }
 
 /* Rows a thread takes at a time in a product: about 1 MiB of weights. Threads taking such
-   chunks in turn stream nearby memory and finish together; with one half of the rows
-   each (a static schedule) layer-sized products streamed 5-15% slower (2-core EPYC:
-   2048 x 6144 at 44 against 52 GB/s). */
+   chunks in turn stream nearby memory and finish together (a static schedule, one share
+   of the rows each, streams layer-sized products more slowly). */
 static inline int64_t row_chunk(int64_t K) {
     int64_t rows = (int64_t)(1 << 20) / (2 * (K > 0 ? K : 1));
     return rows < 8 ? 8 : rows;
@@ -271,10 +324,10 @@ void qwen_rms_norm_bf16(const uint16_t *x, int64_t xs, const uint16_t *w, uint16
     for (int64_t r = 0; r < rows; r++) norm_row(x + r * xs, w, eps, H, out + r * H);
 }
 
-/* One head vector with the rotary embedding (rotate-half convention) on its first rot dims,
-   in float32, rounded to bf16: x * cos + rotate_half(x) * sin, with sin signed (-sin on the
-   first half); the other dims copied. o may be x. */
-static void rotate_head(const uint16_t *x, const float *c, const float *s, int64_t D, int64_t rot, uint16_t *o) {
+/* The rotary embedding (rotate-half convention) of one head vector's first rot dims, in place:
+   x * cos + rotate_half(x) * sin in float32, rounded to bf16, with sin signed (-sin on the
+   first half). */
+static void rotate_head(uint16_t *x, const float *c, const float *s, int64_t rot) {
     int64_t half = rot / 2;
     uint16_t r[rot > 0 ? rot : 1];
     for (int64_t d = 0; d < rot; d++) {
@@ -282,45 +335,17 @@ static void rotate_head(const uint16_t *x, const float *c, const float *s, int64
         float p = bf16_to_float(x[d]) * c[d], q = partner * s[d];
         r[d] = float_to_bf16(p + q);
     }
-    for (int64_t d = rot; d < D; d++) o[d] = x[d];
-    for (int64_t d = 0; d < rot; d++) o[d] = r[d];
+    for (int64_t d = 0; d < rot; d++) x[d] = r[d];
 }
 
-/* One step's queries and keys with the rotary embedding: src [B, 2, H, D] (batch stride
-   src_b, contiguous inside), cos/sin [B, rot] float32 (batch stride cs_b), out [B, 2, H, D]
-   contiguous. */
-void qwen_rotary_qk_bf16(const uint16_t *src, int64_t src_b, const float *cos, const float *sin, int64_t cs_b,
-                         uint16_t *out, int64_t B, int64_t H, int64_t D, int64_t rot) {
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t j = 0; j < 2 * H; j++)
-            rotate_head(src + b * src_b + j * D, cos + b * cs_b, sin + b * cs_b, D, rot, out + (b * 2 * H + j) * D);
-}
-
-/* An attention block's input for one row: out [3, H, D] = the rotary embedding (on queries
-   and keys) of W . norm_row(x) + bias, as the model's ln_1, c_attn and rotary compute it. */
-void qwen_qkv_row_bf16(const uint16_t *W, int64_t ldw, const uint16_t *x, const uint16_t *norm_w, float eps,
-                       const uint16_t *bias, const float *cos, const float *sin, uint16_t *out, int64_t H,
-                       int64_t D, int64_t rot, int64_t K, int threads, uint16_t *scratch) {
-    qwen_linear_row_bf16(W, ldw, x, norm_w, eps, bias, 0, out, 3 * H * D, K, threads, scratch);
-    for (int64_t j = 0; j < 2 * H; j++) rotate_head(out + j * D, cos, sin, D, rot, out + j * D);
-}
-
-/* Fields of one block in qwen_decode_blocks_bf16's table (int64 each; pointers as integers). */
-enum {
-    B_LN1, B_QKV_W, B_QKV_LD, B_QKV_B, B_PROJ_W, B_PROJ_LD, B_PROJ_B, B_LN2, B_W1, B_W1_LD, B_W1_B,
-    B_W2, B_W2_LD, B_W2_B, B_MLP_W, B_MLP_LD, B_MLP_B, B_K, B_KS_H, B_KS_L, B_V, B_VS_H, B_VS_L,
-    B_POS, B_KEEP, B_WIDTH, B_FIELDS
-};
-
-/* Every block of a one-sequence decoding step: for each block (fields above, eps1/eps2/scale
-   per block in `reals`), ln_1 + c_attn + rotary (qwen_qkv_row_bf16); its key and value rows
-   written at position B_POS of the block's cache (heads B_KS_H/B_VS_H, positions
-   B_KS_L/B_VS_L elements apart); attention over positions 0..B_POS (keep: B_POS + 1 bytes,
-   or 0); c_proj + the residual; ln_2 + w1/w2 + gate; the MLP's c_proj + the residual: the
-   per-block calls of QWenBlock.one_row_step, with nothing in between. x: the first block's
-   input (hidden values), out: the last block's output. work: bf16 scratch of 3 * H * D
-   (qkv) + H * D (attention) + 3 * hidden (h, two block outputs) + max width + hidden;
-   scores: float scratch of H * (max positions + 2 * D). */
+/* Every block of a one-sequence decoding step, with nothing in between: ln_1 + c_attn + rotary;
+   the key and value rows written at B_POSITION of the block's cache (strides in elements);
+   attention over positions 0..B_POSITION (B_KEEP: B_POSITION + 1 bytes, or 0); c_proj + the
+   residual; ln_2 + w1/w2 + gate; the MLP's c_proj + the residual. Block i's fields are
+   table[i * B_FIELDS + B_<NAME>] and reals[i * R_FIELDS + R_<NAME>] (the enums generated from
+   _BLOCK_FIELDS and _BLOCK_REALS). x: the first block's input (hidden values), out: the last
+   block's output. work: bf16 scratch of 3 * H * D (qkv) + H * D (attention) + 3 * hidden (h,
+   two block outputs) + max width + hidden; scores: float scratch of H * (max positions + 2 * D). */
 void qwen_decode_blocks_bf16(const int64_t *table, const float *reals, int64_t n_blocks, const uint16_t *x,
                              uint16_t *out, int64_t hidden, int64_t H, int64_t D, int64_t rot, const float *cos,
                              const float *sin, int threads, uint16_t *work, float *scores) {
@@ -328,47 +353,38 @@ void qwen_decode_blocks_bf16(const int64_t *table, const float *reals, int64_t n
     uint16_t *gated = h + 3 * hidden;
     for (int64_t i = 0; i < n_blocks; i++) {
         const int64_t *f = table + i * B_FIELDS;
-        const float *r = reals + 3 * i;
+        const float *r = reals + i * R_FIELDS;
         const uint16_t *in = i == 0 ? x : xs[(i - 1) & 1];
         uint16_t *next = i == n_blocks - 1 ? out : xs[i & 1];
         uint16_t *norm_scratch = gated + f[B_WIDTH];
+        int64_t pos = f[B_POSITION];
         #define P(field) ((uint16_t *)(intptr_t)f[field])
-        qwen_qkv_row_bf16(P(B_QKV_W), f[B_QKV_LD], in, P(B_LN1), r[0], P(B_QKV_B), cos, sin, qkv, H, D, rot,
-                          hidden, threads, norm_scratch);
-        uint16_t *kc = P(B_K), *vc = P(B_V);
+        qwen_linear_row_bf16(P(B_C_ATTN), f[B_C_ATTN_LD], in, P(B_LN_1), r[R_LN_1_EPS], P(B_C_ATTN_BIAS), 0, qkv,
+                             3 * H * D, hidden, threads, norm_scratch);
+        for (int64_t j = 0; j < 2 * H; j++) rotate_head(qkv + j * D, cos, sin, rot);  /* queries and keys */
+        uint16_t *kc = P(B_KEYS), *vc = P(B_VALUES);
         for (int64_t j = 0; j < H; j++)
             for (int64_t d = 0; d < D; d++) {
-                kc[j * f[B_KS_H] + f[B_POS] * f[B_KS_L] + d] = qkv[(H + j) * D + d];
-                vc[j * f[B_VS_H] + f[B_POS] * f[B_VS_L] + d] = qkv[(2 * H + j) * D + d];
+                kc[j * f[B_KEYS_HEAD] + pos * f[B_KEYS_POS] + d] = qkv[(H + j) * D + d];
+                vc[j * f[B_VALUES_HEAD] + pos * f[B_VALUES_POS] + d] = qkv[(2 * H + j) * D + d];
             }
-        qwen_decode_attention_bf16(qkv, 0, D, kc, 0, f[B_KS_H], f[B_KS_L], vc, 0, f[B_VS_H], f[B_VS_L],
-                                   (const uint8_t *)(intptr_t)f[B_KEEP], 0, att, 1, H, f[B_POS] + 1, D, r[2],
-                                   threads, scores);
-        qwen_linear_row_bf16(P(B_PROJ_W), f[B_PROJ_LD], att, 0, 0.f, P(B_PROJ_B), in, h, hidden, H * D, threads, 0);
-        qwen_swiglu_row_bf16(P(B_W1), f[B_W1_LD], P(B_W1_B), P(B_W2), f[B_W2_LD], P(B_W2_B), h, P(B_LN2), r[1],
-                             gated, f[B_WIDTH], hidden, threads, norm_scratch);
-        qwen_linear_row_bf16(P(B_MLP_W), f[B_MLP_LD], gated, 0, 0.f, P(B_MLP_B), h, next, hidden, f[B_WIDTH],
+        qwen_decode_attention_bf16(qkv, 0, D, kc, 0, f[B_KEYS_HEAD], f[B_KEYS_POS], vc, 0, f[B_VALUES_HEAD],
+                                   f[B_VALUES_POS], (const uint8_t *)(intptr_t)f[B_KEEP], 0, att, 1, H, pos + 1, D,
+                                   r[R_SCALING], threads, scores);
+        qwen_linear_row_bf16(P(B_C_PROJ), f[B_C_PROJ_LD], att, 0, 0.f, P(B_C_PROJ_BIAS), in, h, hidden, H * D,
                              threads, 0);
+        qwen_swiglu_row_bf16(P(B_W1), f[B_W1_LD], P(B_W1_BIAS), P(B_W2), f[B_W2_LD], P(B_W2_BIAS), h, P(B_LN_2),
+                             r[R_LN_2_EPS], gated, f[B_WIDTH], hidden, threads, norm_scratch);
+        qwen_linear_row_bf16(P(B_MLP_PROJ), f[B_MLP_PROJ_LD], gated, 0, 0.f, P(B_MLP_PROJ_BIAS), h, next, hidden,
+                             f[B_WIDTH], threads, 0);
         #undef P
     }
 }
 """
 
+_SOURCE = _source()
 # -ffp-contract=off: a * b + c stays two roundings, as in torch's kernels (not one FMA)
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
-_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-_SIGNATURES = {  # Python name: (C symbol, argument types)
-    "decode_attention": (
-        "qwen_decode_attention_bf16",
-        [_P, _I, _I] + [_P, _I, _I, _I] * 2 + [_P, _I, _P] + [_I] * 4 + [_F, ctypes.c_int, _P],
-    ),
-    "linear_row": ("qwen_linear_row_bf16", [_P, _I, _P, _P, _F, _P, _P, _P, _I, _I, ctypes.c_int, _P]),
-    "swiglu_row": ("qwen_swiglu_row_bf16", [_P, _I, _P, _P, _I, _P, _P, _P, _F, _P, _I, _I, ctypes.c_int, _P]),
-    "qkv_row": ("qwen_qkv_row_bf16", [_P, _I, _P, _P, _F, _P, _P, _P, _P, _I, _I, _I, _I, ctypes.c_int, _P]),
-    "rms_norm": ("qwen_rms_norm_bf16", [_P, _I, _P, _P, _I, _I, _F, ctypes.c_int]),
-    "rotary_qk": ("qwen_rotary_qk_bf16", [_P, _I, _P, _P, _I, _P, _I, _I, _I, _I]),
-    "decode_blocks": ("qwen_decode_blocks_bf16", [_P, _P, _I, _P, _P, _I, _I, _I, _I, _P, _P, ctypes.c_int, _P, _P]),
-}
 
 
 def env_switched_off(name: str) -> bool:
@@ -446,26 +462,44 @@ def _build(compiler: str) -> Path:
         return _compile(compiler, fallback, name)
 
 
+def _run_compiler(compiler: str, source: str, target: Path, flags: list[str]) -> None:
+    """Compile ``source`` (C text) into ``target`` with ``flags``; RuntimeError with the
+    compiler's messages where it fails."""
+    source_path = target.with_suffix(".c")
+    source_path.write_text(source)
+    result = subprocess.run(
+        [compiler, *flags, str(source_path), "-o", str(target)], capture_output=True, text=True, timeout=120
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+
+
 def _compile(compiler: str, directory: Path, name: str) -> Path:
     target = directory / name
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        source = Path(tmp) / "cpu_kernels.c"
-        source.write_text(_SOURCE)
-        built = Path(tmp) / target.name
-        result = subprocess.run(
-            [compiler, *_FLAGS, str(source), "-o", str(built)], capture_output=True, text=True, timeout=120
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+        built = Path(tmp) / name
+        _run_compiler(compiler, _SOURCE, built, _FLAGS)
         os.replace(built, target)  # atomic: concurrent builders each install a complete file
     return target
 
 
+def _entry_point(library: ctypes.CDLL, name: str, arguments: tuple[tuple[str, str], ...]):
+    """``qwen_<name>_bf16`` of ``library`` with its declared argument types, as a Python function
+    taking exactly the declared arguments, by keyword (generated: Python checks the names)."""
+    function = getattr(library, f"qwen_{name}_bf16")
+    function.argtypes = [_CTYPES.get(c_type, ctypes.c_void_p) for _, c_type in arguments]
+    function.restype = None
+    names = ", ".join(argument for argument, _ in arguments)
+    namespace = {"function": function}
+    exec(f"def qwen_{name}_bf16(*, {names}) -> None:\n    function({names})", namespace)
+    return namespace[f"qwen_{name}_bf16"]
+
+
 @functools.cache
 def _kernel() -> SimpleNamespace | None:
-    """The compiled kernels as ctypes functions (attributes named as in ``_SIGNATURES``),
-    or ``None`` (logged once) when they cannot be built."""
+    """The compiled kernels (attributes named as in ``_ENTRY_POINTS``), or ``None`` (logged
+    once) when they cannot be built."""
     if not enabled():
         return None
     compiler = _compiler()
@@ -474,22 +508,53 @@ def _kernel() -> SimpleNamespace | None:
         return None
     try:
         library = ctypes.CDLL(str(_build(compiler)))
-        functions = {name: getattr(library, symbol) for name, (symbol, _) in _SIGNATURES.items()}
+        return SimpleNamespace(**{name: _entry_point(library, name, args) for name, args in _ENTRY_POINTS.items()})
     except Exception as error:  # any failure only costs speed
         logger.warning(
             "could not build the CPU kernels (%s); decoding steps stay in torch (QWEN_CPU_KERNELS=0 skips the attempt)",
             error,
         )
         return None
-    for name, function in functions.items():
-        function.argtypes = _SIGNATURES[name][1]
-        function.restype = None
-    return SimpleNamespace(**functions)
 
 
 def available() -> bool:
     """Whether the kernels are built (or can be) and enabled; builds them on first call."""
     return _kernel() is not None
+
+
+def _ready(x: torch.Tensor) -> bool:
+    """A bf16 CPU tensor outside autograd and tracing: what every kernel here takes."""
+    return x.dtype == torch.bfloat16 and x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def _matrix(weight: torch.Tensor, bias: torch.Tensor | None, n_in: int) -> bool:
+    """A bf16 (N, n_in) weight with contiguous rows and an optional contiguous (N,) bf16 bias."""
+    if weight.dtype != torch.bfloat16 or not weight.is_cpu or weight.dim() != 2:
+        return False
+    if weight.shape[1] != n_in or weight.stride(1) != 1:
+        return False
+    return bias is None or (
+        bias.dtype == torch.bfloat16 and bias.shape == weight.shape[:1] and bias.stride(0) == 1 and bias.is_cpu
+    )
+
+
+def _vector(t: torch.Tensor, n: int) -> bool:
+    """A contiguous bf16 vector of ``n`` values (a norm's weight)."""
+    return t.dtype == torch.bfloat16 and t.shape == (n,) and t.stride(0) == 1 and t.is_cpu
+
+
+def _row(x: torch.Tensor) -> bool:
+    """One bf16 row (every dimension but the last of size 1) with a contiguous last dim."""
+    return _ready(x) and x.numel() == x.shape[-1] and x.stride(-1) == 1
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _bf16(shape: tuple) -> torch.Tensor:
+    """A new bf16 CPU tensor for a kernel to write (on the CPU whatever torch's default device)."""
+    return torch.empty(shape, dtype=torch.bfloat16, device=_CPU)
 
 
 def decode_attention(
@@ -524,79 +589,17 @@ def decode_attention(
     kernel = _kernel()
     if kernel is None:
         return None
-    out = torch.empty((bsz, 1, heads, dim), dtype=query.dtype, device=_CPU)
+    out = _bf16((bsz, 1, heads, dim))
     scratch = torch.empty(bsz * heads * (length + 2 * dim), dtype=torch.float32, device=_CPU)
     kernel.decode_attention(
-        query.data_ptr(), query.stride(0), query.stride(1),
-        key.data_ptr(), key.stride(0), key.stride(1), key.stride(2),
-        value.data_ptr(), value.stride(0), value.stride(1), value.stride(2),
-        None if keep is None else keep.data_ptr(), 0 if keep is None or keep.shape[0] == 1 else keep.stride(0),
-        out.data_ptr(), bsz, heads, length, dim, float(scaling), torch.get_num_threads(), scratch.data_ptr(),
+        q=query.data_ptr(), qs_b=query.stride(0), qs_h=query.stride(1),
+        k=key.data_ptr(), ks_b=key.stride(0), ks_h=key.stride(1), ks_l=key.stride(2),
+        v=value.data_ptr(), vs_b=value.stride(0), vs_h=value.stride(1), vs_l=value.stride(2),
+        keep=_ptr(keep), keep_b=0 if keep is None or keep.shape[0] == 1 else keep.stride(0), out=out.data_ptr(),
+        B=bsz, H=heads, L=length, D=dim, scale=float(scaling), threads=torch.get_num_threads(),
+        scratch=scratch.data_ptr(),
     )  # fmt: skip
     return out
-
-
-def _ready(x: torch.Tensor) -> bool:
-    """A bf16 CPU tensor outside autograd and tracing: what every kernel here takes."""
-    return x.dtype == torch.bfloat16 and x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-
-
-def _matrix(weight: torch.Tensor, bias: torch.Tensor | None, n_in: int) -> bool:
-    """A bf16 (N, n_in) weight with contiguous rows and an optional contiguous (N,) bf16 bias."""
-    if weight.dtype != torch.bfloat16 or not weight.is_cpu or weight.dim() != 2:
-        return False
-    if weight.shape[1] != n_in or weight.stride(1) != 1:
-        return False
-    return bias is None or (
-        bias.dtype == torch.bfloat16 and bias.shape == weight.shape[:1] and bias.stride(0) == 1 and bias.is_cpu
-    )
-
-
-def _vector(t: torch.Tensor, n: int) -> bool:
-    """A contiguous bf16 vector of ``n`` values (a norm's weight)."""
-    return t.dtype == torch.bfloat16 and t.shape == (n,) and t.stride(0) == 1 and t.is_cpu
-
-
-def _row(x: torch.Tensor) -> bool:
-    """One bf16 row (every dimension but the last of size 1) with a contiguous last dim."""
-    return _ready(x) and x.numel() == x.shape[-1] and x.stride(-1) == 1
-
-
-def _norm_args(norm: tuple[torch.Tensor, float] | None, n_in: int) -> tuple | None:
-    """ctypes arguments for an optional RMSNorm of the input row, ``norm = (weight, eps)``:
-    (weight pointer, eps, scratch tensor), or ``None`` when the weight does not fit."""
-    if norm is None:
-        return (None, 0.0, None)
-    weight, eps = norm
-    if not _vector(weight, n_in):
-        return None
-    return (weight.data_ptr(), float(eps), torch.empty(n_in, dtype=torch.bfloat16, device=_CPU))
-
-
-def _rotary_tables(cos: torch.Tensor, signed_sin: torch.Tensor, dim: int) -> bool:
-    """float32 ``cos``/``signed_sin`` tables of one shape for an even number of rotated
-    dims, at most ``dim``, each with a contiguous last dimension."""
-    rot = cos.shape[-1]
-    if cos.dtype != torch.float32 or signed_sin.dtype != torch.float32 or cos.shape != signed_sin.shape:
-        return False
-    if not (cos.is_cpu and signed_sin.is_cpu):
-        return False
-    return rot % 2 == 0 and rot <= dim and cos.stride(-1) == 1 and signed_sin.stride(-1) == 1
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
-def _product_call(norm: tuple[torch.Tensor, float] | None, n_in: int, out_shape: tuple) -> tuple | None:
-    """What a one-row product kernel needs besides its operands: (kernel, norm weight
-    pointer, eps, scratch, output tensor), or ``None`` when there is no kernel or the
-    norm's weight does not fit."""
-    normed = _norm_args(norm, n_in)
-    kernel = _kernel()
-    if kernel is None or normed is None:
-        return None
-    return (kernel, *normed, torch.empty(out_shape, dtype=torch.bfloat16, device=_CPU))
 
 
 def linear_row(
@@ -614,73 +617,36 @@ def linear_row(
         or not residual.is_cpu
     ):
         return None
-    n_out, n_in = weight.shape
-    call = _product_call(None, n_in, (*x.shape[:-1], n_out))
-    if call is None:
+    kernel = _kernel()
+    if kernel is None:
         return None
-    kernel, norm_weight, eps, scratch, out = call
+    n_out, n_in = weight.shape
+    out = _bf16((*x.shape[:-1], n_out))
     kernel.linear_row(
-        weight.data_ptr(), weight.stride(0), x.data_ptr(), norm_weight, eps, _ptr(bias), _ptr(residual),
-        out.data_ptr(), n_out, n_in, torch.get_num_threads(), _ptr(scratch),
+        W=weight.data_ptr(), ldw=weight.stride(0), x=x.data_ptr(), norm_w=None, eps=0.0, bias=_ptr(bias),
+        residual=_ptr(residual), out=out.data_ptr(), N=n_out, K=n_in, threads=torch.get_num_threads(), scratch=None,
     )  # fmt: skip
     return out
 
 
 def swiglu_row(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor | None,
-    w2: torch.Tensor,
-    b2: torch.Tensor | None,
-    norm: tuple[torch.Tensor, float] | None = None,
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None
 ) -> torch.Tensor | None:
     """``F.linear(x, w1, b1) * F.silu(F.linear(x, w2, b2))`` for one bf16 row, rounded to bf16
-    where torch rounds it, or ``None`` when the kernel does not apply. ``norm = (weight,
-    eps)`` first applies the model's RMSNorm to ``x`` (:func:`rms_norm`)."""
+    where torch rounds it, or ``None`` when the kernel does not apply."""
     if not _row(x) or not _matrix(w1, b1, x.shape[-1]) or not _matrix(w2, b2, x.shape[-1]):
         return None
     if w1.shape != w2.shape:
         return None
+    kernel = _kernel()
+    if kernel is None:
+        return None
     n_out, n_in = w1.shape
-    call = _product_call(norm, n_in, (*x.shape[:-1], n_out))
-    if call is None:
-        return None
-    kernel, norm_weight, eps, scratch, out = call
+    out = _bf16((*x.shape[:-1], n_out))
     kernel.swiglu_row(
-        w1.data_ptr(), w1.stride(0), _ptr(b1), w2.data_ptr(), w2.stride(0), _ptr(b2),
-        x.data_ptr(), norm_weight, eps, out.data_ptr(), n_out, n_in, torch.get_num_threads(), _ptr(scratch),
-    )  # fmt: skip
-    return out
-
-
-def qkv_row(
-    x: torch.Tensor,
-    norm: tuple[torch.Tensor, float],
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    cos: torch.Tensor,
-    signed_sin: torch.Tensor,
-    heads: int,
-) -> torch.Tensor | None:
-    """An attention block's input for one bf16 row ``x`` (1, 1, K): the model's RMSNorm
-    (``norm = (weight, eps)``), the ``c_attn`` product (``weight``, ``bias``) and the rotary
-    embedding of queries and keys (``cos``/``signed_sin`` (1, 1, 1, 1, rot) float32, as
-    :func:`qwen.modeling_qwen.rotary_tables` makes them) -> (1, 1, 3, heads, D), or ``None``
-    when the kernel does not apply."""
-    if not _row(x) or x.shape[:-1] != (1, 1) or not _matrix(weight, bias, x.shape[-1]):
-        return None
-    n_out, n_in = weight.shape
-    dim = n_out // (3 * heads) if heads > 0 else 0
-    rot = cos.shape[-1]
-    if dim == 0 or 3 * heads * dim != n_out or not _rotary_tables(cos, signed_sin, dim) or cos.numel() != rot:
-        return None
-    call = _product_call(norm, n_in, (1, 1, 3, heads, dim))
-    if call is None:
-        return None
-    kernel, norm_weight, eps, scratch, out = call
-    kernel.qkv_row(
-        weight.data_ptr(), weight.stride(0), x.data_ptr(), norm_weight, eps, _ptr(bias), cos.data_ptr(),
-        signed_sin.data_ptr(), out.data_ptr(), heads, dim, rot, n_in, torch.get_num_threads(), _ptr(scratch),
+        W1=w1.data_ptr(), ld1=w1.stride(0), b1=_ptr(b1), W2=w2.data_ptr(), ld2=w2.stride(0), b2=_ptr(b2),
+        x=x.data_ptr(), norm_w=None, eps=0.0, out=out.data_ptr(), N=n_out, K=n_in, threads=torch.get_num_threads(),
+        scratch=None,
     )  # fmt: skip
     return out
 
@@ -697,49 +663,68 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     if kernel is None:
         return None
     rows = x.reshape(-1, hidden)  # a view wherever the rows are evenly spaced
-    out = torch.empty(x.shape, dtype=torch.bfloat16, device=_CPU)
+    out = _bf16(x.shape)
     kernel.rms_norm(
-        rows.data_ptr(), rows.stride(0), weight.data_ptr(), out.data_ptr(), rows.shape[0], hidden, float(eps),
-        torch.get_num_threads(),
+        x=rows.data_ptr(), xs=rows.stride(0), w=weight.data_ptr(), out=out.data_ptr(), rows=rows.shape[0], H=hidden,
+        eps=float(eps), threads=torch.get_num_threads(),
     )  # fmt: skip
     return out
 
 
-def rotary_qk(qk: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor | None:
-    """:func:`qwen.modeling_qwen.apply_rotary` of one step's queries and keys: ``qk`` a
-    (B, 1, 2, H, D) bf16 view (of the (B, 1, 3, H, D) projection), ``cos``/``signed_sin``
-    (B or 1, 1, 1, 1, rot) float32; -> a new contiguous (B, 1, 2, H, D) tensor, or ``None``
-    when the kernel does not apply."""
-    if not _ready(qk) or qk.dim() != 5 or qk.shape[1] != 1 or qk.shape[2] != 2:
-        return None
-    bsz, _, _, heads, dim = qk.shape
-    if qk.stride(4) != 1 or qk.stride(3) != dim or qk.stride(2) != heads * dim:
-        return None
-    rot = cos.shape[-1]
-    if not _rotary_tables(cos, signed_sin, dim) or cos.stride() != signed_sin.stride():
-        return None
-    if cos.dim() != 5 or cos.shape[0] not in (1, bsz) or cos.shape[1:4] != (1, 1, 1):
-        return None
-    kernel = _kernel()
-    if kernel is None:
-        return None
-    out = torch.empty((bsz, 1, 2, heads, dim), dtype=torch.bfloat16, device=_CPU)
-    kernel.rotary_qk(
-        qk.data_ptr(), qk.stride(0), cos.data_ptr(), signed_sin.data_ptr(),
-        cos.stride(0) if cos.shape[0] > 1 else 0, out.data_ptr(), bsz, heads, dim, rot,
-    )  # fmt: skip
-    return out
+@dataclasses.dataclass(frozen=True)
+class Product:
+    """A linear layer's weight (N, K) and optional bias (N,)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Norm:
+    """An RMSNorm's weight and epsilon."""
+
+    weight: torch.Tensor
+    eps: float
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockParts:
+    """What one block of a one-row decoding step reads: its norms, its products and the
+    attention's scaling."""
+
+    ln_1: Norm
+    c_attn: Product
+    c_proj: Product
+    ln_2: Norm
+    w1: Product
+    w2: Product
+    mlp_proj: Product
+    scaling: float
+
+
+def _product(p: Product, n_in: int, n_out: int) -> bool:
+    return _matrix(p.weight, p.bias, n_in) and p.weight.shape[0] == n_out
+
+
+def _by_name(values: dict, names: tuple[str, ...]) -> list:
+    """``values`` in the order of ``names``, which must be exactly its keys."""
+    try:
+        ordered = [values[name] for name in names]
+    except KeyError as missing:
+        raise ValueError(f"field {missing} not given") from None
+    if len(ordered) != len(values):
+        raise ValueError(f"fields {sorted(values.keys() - set(names))} not declared")
+    return ordered
 
 
 class BlockSteps:
     """The blocks of one single-sequence decoding step, for :meth:`run` to take through
-    all of them in one C call (``qwen_decode_blocks_bf16``): what
-    ``QWenBlock.one_row_step`` does block by block, with no Python between the blocks'
-    kernels. Each :meth:`add` checks one block's weights and cache as the per-block
-    kernels do and says whether it can be taken (if not, nothing is run)."""
-
-    # int64 fields a block has in the C function's table: the names before B_FIELDS in its enum
-    _FIELDS = _SOURCE[_SOURCE.index("enum {") : _SOURCE.index("B_FIELDS\n")].count(",")
+    all of them in one C call (``qwen_decode_blocks_bf16``), with no Python between the
+    blocks' kernels. ``x``: the first block's input, one bf16 row (1, 1, hidden);
+    ``cos``/``signed_sin``: the step's float32 rotary tables, ``rot`` values each (sin
+    negated on the first half). Each :meth:`add` checks one block's weights and cache and
+    says whether it can be taken (if not, :meth:`run` runs nothing); ``ok`` says whether
+    every check so far has passed."""
 
     def __init__(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, heads: int, dim: int):
         self.x, self.cos, self.sin, self.heads, self.dim = x, cos, signed_sin, heads, dim
@@ -750,13 +735,19 @@ class BlockSteps:
             and x.shape[:-1] == (1, 1)
             and heads > 0
             and dim > 0
-            and _rotary_tables(cos, signed_sin, dim)
+            and cos.dtype == signed_sin.dtype == torch.float32
+            and cos.shape == signed_sin.shape
+            and cos.is_cpu
+            and signed_sin.is_cpu
+            and rot % 2 == 0
+            and rot <= dim
             and cos.numel() == rot
+            and cos.stride(-1) == signed_sin.stride(-1) == 1
             and _kernel() is not None
         )
-        self.rows: list[int] = []
-        self.reals: list[float] = []
-        self.keep_alive: list[torch.Tensor | None] = []
+        self.table: list[list[int]] = []
+        self.reals: list[list[float]] = []
+        self.keep_alive: list[tuple] = []  # every tensor the table points into, until run() has returned
         self.width = self.length = 0
 
     def _cache(self, buffer: torch.Tensor, position: int) -> bool:
@@ -772,41 +763,26 @@ class BlockSteps:
         )
 
     def add(
-        self,
-        ln_1: tuple[torch.Tensor, float],
-        c_attn: tuple[torch.Tensor, torch.Tensor | None],
-        c_proj: tuple[torch.Tensor, torch.Tensor | None],
-        ln_2: tuple[torch.Tensor, float],
-        w1: tuple[torch.Tensor, torch.Tensor | None],
-        w2: tuple[torch.Tensor, torch.Tensor | None],
-        mlp_proj: tuple[torch.Tensor, torch.Tensor | None],
-        keys: tuple[torch.Tensor, torch.Tensor],
-        position: int,
-        keep: torch.Tensor | None,
-        scaling: float,
+        self, parts: BlockParts, keys: torch.Tensor, values: torch.Tensor, position: int, keep: torch.Tensor | None
     ) -> bool:
-        """One block: its norms ``(weight, eps)`` and products ``(weight, bias)``, its cache's
-        (key buffer, value buffer) with the step's row to go at ``position`` (attending to
-        positions ``0..position``), the boolean mask of those positions (None: all) and the
-        attention's ``scaling``. False (and the step not to be run) where anything does not fit."""
+        """One block: its ``parts``, its cache's key and value buffers (1, heads, room, dim)
+        with the step's row to go at ``position`` (attending to positions ``0..position``),
+        and the boolean (1, 1, 1, position + 1) mask of those positions (None: all). False
+        (and the step not to be run) where anything does not fit."""
         hidden, projection = self.hidden, self.heads * self.dim
-        width = w1[0].shape[0] if w1[0].dim() == 2 else 0
-        key_buffer, value_buffer = keys
+        width = parts.w1.weight.shape[0] if parts.w1.weight.dim() == 2 else 0
         self.ok = (
             self.ok
-            and _vector(ln_1[0], hidden)
-            and _vector(ln_2[0], hidden)
-            and _matrix(*c_attn, hidden)
-            and c_attn[0].shape[0] == 3 * projection
-            and _matrix(*c_proj, projection)
-            and c_proj[0].shape[0] == hidden
-            and _matrix(*w1, hidden)
-            and _matrix(*w2, hidden)
-            and w2[0].shape[0] == width > 0
-            and _matrix(*mlp_proj, width)
-            and mlp_proj[0].shape[0] == hidden
-            and self._cache(key_buffer, position)
-            and self._cache(value_buffer, position)
+            and _vector(parts.ln_1.weight, hidden)
+            and _vector(parts.ln_2.weight, hidden)
+            and _product(parts.c_attn, hidden, 3 * projection)
+            and _product(parts.c_proj, projection, hidden)
+            and width > 0
+            and _product(parts.w1, hidden, width)
+            and _product(parts.w2, hidden, width)
+            and _product(parts.mlp_proj, width, hidden)
+            and self._cache(keys, position)
+            and self._cache(values, position)
             and (
                 keep is None
                 or (
@@ -819,18 +795,20 @@ class BlockSteps:
         )
         if not self.ok:
             return False
-        self.rows += [
-            ln_1[0].data_ptr(), c_attn[0].data_ptr(), c_attn[0].stride(0), _ptr(c_attn[1]) or 0,
-            c_proj[0].data_ptr(), c_proj[0].stride(0), _ptr(c_proj[1]) or 0, ln_2[0].data_ptr(),
-            w1[0].data_ptr(), w1[0].stride(0), _ptr(w1[1]) or 0, w2[0].data_ptr(), w2[0].stride(0), _ptr(w2[1]) or 0,
-            mlp_proj[0].data_ptr(), mlp_proj[0].stride(0), _ptr(mlp_proj[1]) or 0,
-            key_buffer.data_ptr(), key_buffer.stride(1), key_buffer.stride(2),
-            value_buffer.data_ptr(), value_buffer.stride(1), value_buffer.stride(2),
-            position, 0 if keep is None else keep.data_ptr(), width,
-        ]  # fmt: skip
-        self.reals += [float(ln_1[1]), float(ln_2[1]), float(scaling)]
-        # every tensor the table points into stays referenced until the call has returned
-        self.keep_alive += [ln_1[0], *c_attn, *c_proj, ln_2[0], *w1, *w2, *mlp_proj, key_buffer, value_buffer, keep]
+        fields = {
+            "ln_1": parts.ln_1.weight.data_ptr(), "ln_2": parts.ln_2.weight.data_ptr(),
+            "keys": keys.data_ptr(), "keys_head": keys.stride(1), "keys_pos": keys.stride(2),
+            "values": values.data_ptr(), "values_head": values.stride(1), "values_pos": values.stride(2),
+            "position": int(position), "keep": _ptr(keep) or 0, "width": width,
+        }  # fmt: skip
+        for name, (weight_field, ld_field, bias_field) in _PRODUCTS.items():
+            product: Product = getattr(parts, name)
+            fields[weight_field], fields[ld_field] = product.weight.data_ptr(), product.weight.stride(0)
+            fields[bias_field] = _ptr(product.bias) or 0
+        reals = {"ln_1_eps": float(parts.ln_1.eps), "ln_2_eps": float(parts.ln_2.eps), "scaling": float(parts.scaling)}
+        self.table.append(_by_name(fields, _BLOCK_FIELDS))
+        self.reals.append(_by_name(reals, _BLOCK_REALS))
+        self.keep_alive.append((parts, keys, values, keep))
         self.width, self.length = max(self.width, width), max(self.length, position + 1)
         return True
 
@@ -838,18 +816,17 @@ class BlockSteps:
         """Every added block in turn -> the last one's output (the shape of ``x``), their key
         and value rows written into the caches; None (nothing done) where :meth:`add`
         refused a block or none was added."""
-        blocks = len(self.reals) // 3
-        if not self.ok or blocks == 0 or len(self.rows) != blocks * self._FIELDS:
+        if not self.ok or not self.table:
             return None
-        table = torch.tensor(self.rows, dtype=torch.int64, device=_CPU)
+        table = torch.tensor(self.table, dtype=torch.int64, device=_CPU)
         reals = torch.tensor(self.reals, dtype=torch.float32, device=_CPU)
         heads, dim, hidden = self.heads, self.dim, self.hidden
-        work = torch.empty(4 * heads * dim + 4 * hidden + self.width, dtype=torch.bfloat16, device=_CPU)
+        work = _bf16((4 * heads * dim + 4 * hidden + self.width,))
         scores = torch.empty(heads * (self.length + 2 * dim), dtype=torch.float32, device=_CPU)
-        out = torch.empty(self.x.shape, dtype=torch.bfloat16, device=_CPU)
+        out = _bf16(self.x.shape)
         _kernel().decode_blocks(
-            table.data_ptr(), reals.data_ptr(), blocks, self.x.data_ptr(), out.data_ptr(), hidden, heads, dim,
-            self.cos.shape[-1], self.cos.data_ptr(), self.sin.data_ptr(), torch.get_num_threads(), work.data_ptr(),
-            scores.data_ptr(),
+            table=table.data_ptr(), reals=reals.data_ptr(), n_blocks=len(self.table), x=self.x.data_ptr(),
+            out=out.data_ptr(), hidden=hidden, H=heads, D=dim, rot=self.cos.shape[-1], cos=self.cos.data_ptr(),
+            sin=self.sin.data_ptr(), threads=torch.get_num_threads(), work=work.data_ptr(), scores=scores.data_ptr(),
         )  # fmt: skip
         return out

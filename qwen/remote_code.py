@@ -21,7 +21,10 @@ logger = logging.getLogger(__name__)
 # from this package.
 REMOTE_CODE_FILES = (
     "configuration_qwen.py",
+    "cpu_engine.py",
     "cpu_kernels.py",
+    "cpu_memory.py",
+    "loading.py",
     "modeling_qwen.py",
     "tokenization_qwen.py",
     "qwen_generation_utils.py",

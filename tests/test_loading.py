@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 import qwen
-from qwen import modeling_qwen
+from qwen import cpu_memory
 from qwen.configuration_qwen import QWenConfig
 from qwen.remote_code import MODEL_AUTO_MAP, write_remote_code
 
@@ -218,7 +218,7 @@ def test_memory_mapped_weights_are_mapped_at_load(tmp_path, monkeypatch):
     del model
 
 
-@pytest.mark.skipif(not modeling_qwen._transparent_huge_pages(), reason="needs Linux transparent huge pages")
+@pytest.mark.skipif(not cpu_memory._transparent_huge_pages(), reason="needs Linux transparent huge pages")
 @pytest.mark.parametrize("tied", [False, True])
 def test_weights_move_to_huge_pages(tmp_path, monkeypatch, tied):
     """With transparent huge pages, every weight a forward reads in full moves out of the
@@ -253,7 +253,7 @@ def test_weights_move_to_huge_pages(tmp_path, monkeypatch, tied):
         assert torch.equal(model(ids).logits, mapped(ids).logits)
 
 
-@pytest.mark.skipif(not modeling_qwen._transparent_huge_pages(), reason="needs Linux transparent huge pages")
+@pytest.mark.skipif(not cpu_memory._transparent_huge_pages(), reason="needs Linux transparent huge pages")
 def test_huge_pages_keep_changes_made_in_the_file_mapping(tmp_path, monkeypatch):
     """Weights changed in place in a private file mapping live only in this process: the
     move must not release those pages (another model still reads them)."""
@@ -270,7 +270,7 @@ def test_huge_pages_keep_changes_made_in_the_file_mapping(tmp_path, monkeypatch)
     assert torch.equal(patched.lm_head.weight, expected)  # not reverted to the file's bytes
 
 
-@pytest.mark.skipif(not modeling_qwen._transparent_huge_pages(), reason="needs Linux transparent huge pages")
+@pytest.mark.skipif(not cpu_memory._transparent_huge_pages(), reason="needs Linux transparent huge pages")
 def test_huge_pages_refused_midway_leaves_a_working_model(tmp_path, monkeypatch, caplog):
     """No anonymous memory for a copy (say, a strict overcommit limit) is not an error:
     the weights not yet moved stay mapped from the file, and the model computes the same."""
@@ -278,7 +278,7 @@ def test_huge_pages_refused_midway_leaves_a_working_model(tmp_path, monkeypatch,
     monkeypatch.setenv("QWEN_HUGE_PAGES", "0")
     mapped = AutoModelForCausalLM.from_pretrained(ckpt, bf16=True)
     monkeypatch.setenv("QWEN_HUGE_PAGES", "1")
-    real, calls = modeling_qwen.huge_page_empty_like, []
+    real, calls = cpu_memory.huge_page_empty_like, []
 
     def refuse_after_three(like):
         calls.append(like.shape)
@@ -286,8 +286,8 @@ def test_huge_pages_refused_midway_leaves_a_working_model(tmp_path, monkeypatch,
             raise OSError(12, "Cannot allocate memory")
         return real(like)
 
-    monkeypatch.setattr(modeling_qwen, "huge_page_empty_like", refuse_after_three)
-    with caplog.at_level("WARNING", logger="qwen.modeling_qwen"):
+    monkeypatch.setattr(cpu_memory, "huge_page_empty_like", refuse_after_three)
+    with caplog.at_level("WARNING", logger="qwen.cpu_memory"):
         model = AutoModelForCausalLM.from_pretrained(ckpt, bf16=True)
     assert "weights left in place" in caplog.text
     weights = str((ckpt / "model.safetensors").resolve())
@@ -469,7 +469,7 @@ def test_update_remote_code_replaces_links_not_their_targets(tmp_path, tiny_dir)
 
 
 def test_flash_attention_falls_back_with_notice(tiny_dir, caplog):
-    caplog.set_level("INFO", logger="qwen.modeling_qwen")
+    caplog.set_level("INFO", logger="qwen.loading")
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, use_flash_attn=True)
     assert model.config._attn_implementation == "sdpa"
     assert "using SDPA attention because" in caplog.text

@@ -952,7 +952,7 @@ def test_text_tracker_stop_strings_and_partial_characters():
 def test_auto_dtype_is_the_stored_one(tmp_path):
     """--dtype auto on CPU loads what the checkpoint stores: its precision flag, else its
     config's dtype, else its safetensors tensors' dtype (float32 when nothing says half)."""
-    from qwen.modeling_qwen import stored_dtype as _stored_dtype
+    from qwen.loading import stored_dtype as _stored_dtype
 
     for stored, expected in [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)]:
         ckpt = make_tiny(tmp_path / stored, "--dtype", stored, "--layers", "1")
@@ -967,17 +967,17 @@ def test_server_packs_weights_for_batches_where_bf16_is_native(tmp_path, monkeyp
     """load_engine gives a bf16 CPU model packed weight copies for batched steps where
     bf16 matmuls are native (pack_weights, --no-pack-weights to skip), never for
     max_batch_size 1 or a float32 model."""
-    from qwen import modeling_qwen
+    from qwen import cpu_engine
     from qwen.serving.app import load_engine
 
     ckpt = str(make_tiny(tmp_path / "bf16", "--dtype", "bf16", "--layers", "1"))
 
     def packed(**kwargs) -> set[bool]:
         engine = load_engine(ckpt, cpu_only=True, **kwargs)
-        return {m._packed is not None for m in engine.model.modules() if isinstance(m, modeling_qwen.QWenLinear)}
+        return {m._packed is not None for m in engine.model.modules() if isinstance(m, cpu_engine.CPULinear)}
 
-    assert packed(max_batch_size=4) == {modeling_qwen.cpu_has_native(torch.bfloat16)}
-    monkeypatch.setattr(modeling_qwen, "cpu_has_native", lambda dtype: True)
+    assert packed(max_batch_size=4) == {cpu_engine.cpu_has_native(torch.bfloat16)}
+    monkeypatch.setattr(cpu_engine, "cpu_has_native", lambda dtype: True)
     assert packed(max_batch_size=4, pack_weights=False) == {False}
     assert packed(max_batch_size=1) == {False}
     assert packed(max_batch_size=4, dtype="fp32") == {False}

@@ -130,7 +130,7 @@ def load_engine(
 
     ``pack_weights``: on CPUs with native bf16/fp16 matmuls (AVX512-BF16, AMX), give the
     model a oneDNN-packed second copy of its half-precision weights for batched decoding
-    steps (:func:`qwen.modeling_qwen.pack_for_cpu_batches`): about 40% faster steps for
+    steps (:func:`qwen.cpu_engine.pack_for_cpu_batches`): about 40% faster steps for
     twice the weights' memory. Ignored elsewhere and with ``max_batch_size`` 1.
 
     The model is loaded (and packed) in a helper thread, so that the calling thread keeps
@@ -141,7 +141,7 @@ def load_engine(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import qwen  # noqa: F401  (registers the Qwen-1 classes)
-    from qwen.modeling_qwen import stored_dtype
+    from qwen.loading import stored_dtype
 
     use_cuda = torch.cuda.is_available() and not cpu_only
     device = "cuda" if use_cuda else "cpu"
@@ -160,7 +160,7 @@ def load_engine(
     def load():
         model = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs).eval()
         if pack_weights and device == "cpu" and max_batch_size > 1:
-            from qwen.modeling_qwen import pack_for_cpu_batches
+            from qwen.cpu_engine import pack_for_cpu_batches
 
             added = pack_for_cpu_batches(model, max_batch_size)
             if added:
