@@ -266,7 +266,9 @@ def pack_for_cpu_batches(model: nn.Module, rows: int) -> int:
     with torch.no_grad():
         for module in model.modules():
             weight = module.weight if isinstance(module, CPULinear) else None
-            if weight is None or weight.device.type != "cpu" or not cpu_has_native(weight.dtype):
+            if weight is None or weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float16):
+                continue
+            if not cpu_has_native(weight.dtype):
                 continue
             module._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
             module._packed_key = _weight_key(weight)
