@@ -71,9 +71,10 @@ def naive_forward(
     ids: list[int],
     use_dynamic_ntk: bool,
     use_logn_attn: bool,
-    window: int | None = None,
+    window: int | None | list[int | None] = None,
 ) -> torch.Tensor:
-    """fp32 logits of one unpadded sequence, straight from the official formulas."""
+    """fp32 logits of one unpadded sequence, straight from the official formulas.
+    ``window``: one attention window for every layer, or a list with one per layer."""
     cfg = json.loads((Path(ckpt) / "config.json").read_text())
     w = load_state(ckpt)
     n_heads, d, S = cfg["num_attention_heads"], cfg["kv_channels"], cfg["seq_length"]
@@ -95,12 +96,14 @@ def naive_forward(
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg["layer_norm_epsilon"]) * weight
 
     logn = torch.tensor([math.log(p + 1, S) if p + 1 > S else 1.0 for p in range(L)])
-    allowed = torch.ones(L, L).tril().bool()
-    if window is not None:
-        allowed &= ~torch.ones(L, L).tril(-window).bool()
+    layers = cfg["num_hidden_layers"]
+    windows = window if isinstance(window, list) else [window] * layers
     x = w["transformer.wte.weight"][torch.tensor(ids)]
-    for i in range(cfg["num_hidden_layers"]):
+    for i in range(layers):
         p = f"transformer.h.{i}."
+        allowed = torch.ones(L, L).tril().bool()  # key k visible from query q: q - window < k <= q
+        if windows[i] is not None:
+            allowed &= ~torch.ones(L, L).tril(-windows[i]).bool()
         h = rms(x, w[p + "ln_1.weight"])
         qkv = h @ w[p + "attn.c_attn.weight"].T + w[p + "attn.c_attn.bias"]
         q, k, v = (t.view(L, n_heads, d) for t in qkv.split(n_heads * d, dim=-1))

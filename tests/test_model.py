@@ -279,9 +279,12 @@ def test_window_attention(tmp_path, impl):
     steps = [m(ids[:, :10], past_key_values=cache).logits]
     steps += [m(ids[:, t : t + 1], past_key_values=cache).logits for t in range(10, 30)]
     assert (torch.cat(steps, 1)[0] - ref).abs().max().item() < ATOL
-    # per-layer windows: None on layer 0
-    m2 = load(ckpt, window_size=[None, 5], attn_implementation=impl)
-    assert not torch.allclose(m2(ids).logits, m(ids).logits)
+    # per-layer windows, in layer order: none on layer 0, 5 on layer 1 (and the reverse)
+    for windows in ([None, 5], [5, None]):
+        m2 = load(ckpt, window_size=windows, attn_implementation=impl)
+        per_layer = naive_forward(ckpt, ids[0].tolist(), True, True, window=windows)
+        assert (m2(ids).logits[0] - per_layer).abs().max().item() < ATOL
+    assert not torch.allclose(per_layer, naive_forward(ckpt, ids[0].tolist(), True, True, window=[None, 5]))
 
 
 def test_window_one_layer_only_sees_the_window(tmp_path):
