@@ -24,7 +24,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # optional dependency: pip install "qwen[kernels]"
+except ImportError:  # optional dependency: pip install "triton>=3.0"
     triton = None
     tl = None
 
@@ -48,7 +48,7 @@ def _triton_version() -> tuple[int, ...]:
 def unavailable_reason(device: torch.device) -> str | None:
     """Why the kernels cannot run for tensors on ``device``, or ``None`` when they can."""
     if triton is None:
-        return "Triton is not installed (pip install 'qwen[kernels]')"
+        return "Triton is not installed (pip install 'triton>=3.0')"
     if _triton_version() < _MIN_TRITON:
         return f"Triton {triton.__version__} is older than {'.'.join(map(str, _MIN_TRITON))}"
     if device.type == "cuda" or _interpreting():

@@ -35,7 +35,7 @@ kernel = pytest.mark.skipif(
     not (HAVE_TRITON and INTERPRETING),
     reason="Triton kernel check: runs in a child pytest with TRITON_INTERPRET=1 (test_triton_kernels_in_interpreter)"
     if HAVE_TRITON
-    else "Triton is not installed (pip install 'qwen[kernels]')",
+    else "Triton is not installed (pip install 'triton>=3.0')",
 )
 
 
@@ -490,7 +490,7 @@ def test_kernel_places_chunk_queries_at_the_end():
 
 def test_triton_kernels_in_interpreter(tiny_dir):
     if not HAVE_TRITON:
-        pytest.skip("Triton is not installed (pip install 'qwen[kernels]'); the kernel checks need it")
+        pytest.skip("Triton is not installed (pip install 'triton>=3.0'); the kernel checks need it")
     if INTERPRETING:
         pytest.skip("this session runs the kernel tests itself (TRITON_INTERPRET=1)")
     env = dict(os.environ, TRITON_INTERPRET="1", QWEN_TEST_TINY_DIR=str(tiny_dir))
