@@ -1,6 +1,6 @@
 """An OpenAI-compatible API server for Qwen-1 chat models, with continuous batching.
 
-    pip install "qwen[serve]"
+    pip install -e ".[serve]"      # in the repository: the package with fastapi, uvicorn, sse-starlette
     python openai_api.py -c Qwen/Qwen-7B-Chat --server-port 8000
 
 Then use any OpenAI client with ``base_url="http://127.0.0.1:8000/v1"``. Endpoints:
@@ -13,6 +13,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+
+# What `pip install -e ".[serve]"` adds (the modules they are imported as).
+SERVER_PACKAGES = ("fastapi", "uvicorn", "sse_starlette", "starlette")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,25 +79,39 @@ def main(argv=None) -> int:
     try:
         import uvicorn
 
+        from qwen.demo_utils import CheckpointError
         from qwen.serving.app import create_app, load_engine
-    except ImportError as error:
-        print(f"missing dependency ({error}); install the serve extra: pip install 'qwen[serve]'", file=sys.stderr)
-        return 1
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in SERVER_PACKAGES:
+            raise
+        print(
+            f"error: {error}; install the server's packages: pip install -e '.[serve]' in the repository "
+            "(or pip install fastapi uvicorn sse-starlette)",
+            file=sys.stderr,
+        )
+        return 2
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    engine = load_engine(
-        args.checkpoint_path,
-        cpu_only=args.cpu_only,
-        dtype=args.dtype,
-        max_batch_size=args.max_batch_size,
-        max_queue=args.max_queue,
-        max_model_len=args.max_model_len,
-        max_prefill_tokens=args.max_prefill_tokens,
-        pack_weights=not args.no_pack_weights,
-    )
+    try:
+        engine = load_engine(
+            args.checkpoint_path,
+            cpu_only=args.cpu_only,
+            dtype=args.dtype,
+            max_batch_size=args.max_batch_size,
+            max_queue=args.max_queue,
+            max_model_len=args.max_model_len,
+            max_prefill_tokens=args.max_prefill_tokens,
+            pack_weights=not args.no_pack_weights,
+        )
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     name = args.served_model_name or args.checkpoint_path.rstrip("/").split("/")[-1]
     app = create_app(
         engine,

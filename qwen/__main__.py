@@ -23,6 +23,7 @@ def _tiny(args: argparse.Namespace) -> None:
         seed=args.seed,
         dtype=args.dtype,
         tie_word_embeddings=args.tie_word_embeddings,
+        force=args.force,
     )
     print(f"wrote a tiny {'chat' if args.chat else 'base'} checkpoint to {out}")
 
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model.safetensors, qwen.tiktoken, tokenizer_config.json and the remote code) for "
         "tests and offline examples.",
     )
-    p.add_argument("out_dir", help="directory to write (created if missing)")
+    p.add_argument("out_dir", help="directory to write (created if missing; refused if not empty, without --force)")
     p.add_argument("--chat", action="store_true", help="chat variant (generation_config chat_format: chatml)")
     p.add_argument("--seq-length", type=int, default=8192, help="trained context length (default 8192)")
     p.add_argument("--layers", type=int, default=2, help="number of blocks (default 2)")
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="stored dtype (default bf16)")
     p.add_argument("--tie-word-embeddings", action="store_true", help="share wte and lm_head")
+    p.add_argument("--force", action="store_true", help="write into OUT_DIR even if it is not empty")
     p.set_defaults(func=_tiny)
 
     p = sub.add_parser(
@@ -131,13 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a problem with its arguments or files is one line on stderr, exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError) as err:  # the library's errors name the file and the fix
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -333,12 +333,21 @@ class _SafetensorsFile(_SourceFile):
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             raw = handle.read(8)
+            if raw == b"version ":
+                raise ConversionError(
+                    f"{path} is a Git LFS pointer, not the weights: run `git lfs pull` in {path.parent}"
+                )
             if len(raw) != 8:
-                raise ConversionError(f"{path} is not a safetensors file (too short)")
+                raise ConversionError(f"{path} is not a safetensors file (too short); download it again")
             (header_len,) = struct.unpack("<Q", raw)
             if header_len > min(size - 8, 100 * 2**20):
-                raise ConversionError(f"{path} is not a safetensors file (bad header length)")
-            header = json.loads(handle.read(header_len))
+                raise ConversionError(f"{path} is not a safetensors file (bad header length); download it again")
+            try:
+                header = json.loads(handle.read(header_len))
+            except ValueError:
+                raise ConversionError(
+                    f"{path} is not a safetensors file (unreadable header); download it again"
+                ) from None
         self._data_start = 8 + header_len
         self._tensors: list[_SourceTensor] = []
         for name, info in header.items():
@@ -349,7 +358,9 @@ class _SafetensorsFile(_SourceFile):
             begin, end = info["data_offsets"]
             tensor = _SafetensorsTensor(self, name, _ST_DTYPES[info["dtype"]], tuple(info["shape"]), begin)
             if end - begin != math.prod(tensor.shape) * tensor.dtype.itemsize or self._data_start + end > size:
-                raise ConversionError(f"{path}: tensor {name} has inconsistent data offsets (truncated file?)")
+                raise ConversionError(
+                    f"{path}: tensor {name} has inconsistent data offsets (a cut-short file?); download it again"
+                )
             self._tensors.append(tensor)
         self._tensors.sort(key=lambda t: t.offset)
 
@@ -424,7 +435,9 @@ def _source_files(src: Path) -> list[_SourceFile]:
     ):
         index = src / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{index} has no weight_map; restore it from the checkpoint's source")
             names = list(dict.fromkeys(weight_map.values()))
             missing = [name for name in names if not (src / name).is_file()]
             if missing:
@@ -765,9 +778,14 @@ def _progress_bar(total: int, enabled: bool):
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConversionError(f"{path} not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConversionError(f"{path} is not valid JSON ({error}); restore it from the checkpoint's source") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} holds a JSON {type(data).__name__}, not an object; restore it from the source")
+    return data
 
 
 def _read_config(path: Path) -> dict:

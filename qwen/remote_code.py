@@ -68,8 +68,19 @@ def _replace_file(path: Path, data: bytes) -> None:
         raise
 
 
+def _read_json(path: Path) -> dict:
+    """A checkpoint's JSON file as a dict; ValueError naming the file when it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); restore it from the checkpoint's source") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; restore it from the source")
+    return data
+
+
 def _update_json(path: Path, key: str, value) -> None:
-    data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    data = _read_json(path) if path.exists() else {}
     data[key] = value
     _replace_file(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
@@ -87,9 +98,11 @@ def write_remote_code(ckpt_dir: str | Path, backup: bool = True) -> Path | None:
     config_path = ckpt / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{ckpt} has no config.json; is it a checkpoint directory?")
-    model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    model_type = _read_json(config_path).get("model_type")
     if model_type != "qwen":
         raise ValueError(f"{config_path} has model_type={model_type!r}, expected 'qwen'")
+    if (ckpt / "tokenizer_config.json").exists():
+        _read_json(ckpt / "tokenizer_config.json")  # before anything is written
 
     backup_dir = None
     if backup:

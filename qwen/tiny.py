@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -37,6 +38,7 @@ BASE_GENERATION_CONFIG = {
     "repetition_penalty": 1.1,
 }
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
 
 def official_vocab_file() -> Path:
@@ -67,18 +69,28 @@ def make_tiny_checkpoint(
     vocab_size: int = 151936,
     init_std: float = 0.1,
     tie_word_embeddings: bool = False,
+    force: bool = False,
     **config_overrides,
 ) -> Path:
     """Write a small random checkpoint in the official layout and return its path.
 
     ``init_std`` is larger than a real model's so that random logits are decisive
-    (greedy choices do not hinge on rounding noise).
+    (greedy choices do not hinge on rounding noise). ``out_dir`` must be missing or empty
+    unless ``force``; then the weight files already there are replaced with the new ones.
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
     if hidden % heads:
         raise ValueError(f"hidden={hidden} is not divisible by heads={heads}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise FileExistsError(f"{out} is not empty; pass --force (force=True) to overwrite the checkpoint there")
+        for pattern in _WEIGHT_FILES:  # left over, they would be loaded instead of (or beside) the new weights
+            for path in out.glob(pattern):
+                path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     config = QWenConfig(
         vocab_size=vocab_size,
@@ -123,6 +135,10 @@ def make_tiny_checkpoint(
     if not tie_word_embeddings:
         state["lm_head.weight"] = rand(vocab_size, h)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    # safetensors creates its file with mode 0600; give it a new file's usual mode, like the others.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out / "model.safetensors", 0o666 & ~umask)
 
     cfg = {
         "architectures": ["QWenLMHeadModel"],

@@ -12,6 +12,7 @@ python -m pip install --quiet -e ".[vocab]"
 ckpt="${1:-}"
 if [ -z "$ckpt" ]; then
     ckpt="${TMPDIR:-/tmp}/qwen-tiny-chat"
-    python -m qwen tiny "$ckpt" --chat
+    # written once; `python -m qwen tiny` refuses a directory that is not empty (--force overwrites)
+    [ -f "$ckpt/model.safetensors" ] || python -m qwen tiny "$ckpt" --chat
 fi
 python examples/quickstart.py "$ckpt"

@@ -272,29 +272,25 @@ def test_conf_none_and_stop_words(tiny_chat_dir):
     """``key=none`` gives transformers' own default, which generate() keeps (a None would
     be filled from the checkpoint's generation config again); settings without such a
     default need a value; ``stop_words_ids`` is checked before the next answer."""
-    import importlib.util
-
     from transformers import AutoModelForCausalLM
 
     import qwen  # noqa: F401  (registers the Auto classes)
+    from qwen.demo_utils import SettingError, updated_config
 
-    spec = importlib.util.spec_from_file_location("cli_demo_module", SCRIPT)
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
     model = AutoModelForCausalLM.from_pretrained(tiny_chat_dir)
     config = model.generation_config
     assert config.top_p == 0.8 and config.max_new_tokens == 512  # the checkpoint's
-    new, _ = demo.updated_config(config, "top_p=none top_k=none repetition_penalty=none")
+    new, _ = updated_config(config, "top_p=none top_k=none repetition_penalty=none")
     used, _ = model._prepare_generation_config(new)
     assert (used.top_p, used.top_k, used.repetition_penalty) == (1.0, 50, 1.0)
-    with pytest.raises(demo.ConfError, match="no transformers default"):
-        demo.updated_config(config, "max_new_tokens=none")
-    new, _ = demo.updated_config(config, "stop_words_ids=[[1, 2], [3]]")
+    with pytest.raises(SettingError, match="no transformers default"):
+        updated_config(config, "max_new_tokens=none")
+    new, _ = updated_config(config, "stop_words_ids=[[1, 2], [3]]")
     assert new.stop_words_ids == [[1, 2], [3]]
-    assert demo.updated_config(config, "stop_words_ids=none")[0].stop_words_ids == []
+    assert updated_config(config, "stop_words_ids=none")[0].stop_words_ids == []
     for bad in ("5", '"abc"', "[[]]", "[[-1]]", "[1, 2]"):
-        with pytest.raises(demo.ConfError, match="list of token-id lists"):
-            demo.updated_config(config, f"stop_words_ids={bad}")
+        with pytest.raises(SettingError, match="list of token-id lists"):
+            updated_config(config, f"stop_words_ids={bad}")
 
 
 def test_undecodable_input_is_refused_not_sent(tiny_chat_dir):

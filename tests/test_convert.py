@@ -457,7 +457,7 @@ def test_refuses_inexact_sources(tmp_path, tiny_dir, changes, words):
 
 def test_cli_refusal_is_a_clear_message(tmp_path, tiny_dir, capsys):
     src = copy_config_only(tiny_dir, tmp_path / "src", quantization_config={"quant_method": "gptq"})
-    assert main(["convert-qwen2", str(src), str(tmp_path / "dst")]) == 1
+    assert main(["convert-qwen2", str(src), str(tmp_path / "dst")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "GPTQ" in err and "Traceback" not in err
 

@@ -390,7 +390,7 @@ def test_cli_help():
     out = subprocess.run(
         [sys.executable, "-m", "qwen", "update-remote-code", "/nonexistent"], capture_output=True, text=True
     )
-    assert out.returncode == 1 and "config.json" in out.stderr
+    assert out.returncode == 2 and "config.json" in out.stderr
 
 
 REMOTE_SCRIPT = """
@@ -485,4 +485,4 @@ def test_tiny_rejects_bad_shape(tmp_path):
         text=True,
         cwd=REPO,
     )
-    assert out.returncode == 1 and "not divisible" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "not divisible" in out.stderr and "Traceback" not in out.stderr

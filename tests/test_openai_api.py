@@ -1051,3 +1051,23 @@ def test_checkpoint_without_sampling_defaults_to_greedy(tiny_chat_dir, model, to
     assert server._defaults()["temperature"] == (model.generation_config.temperature or 1.0)
     server.generation_config.do_sample = False
     assert server._defaults()["temperature"] == 0.0
+
+
+def test_load_engine_names_the_broken_file(tiny_chat_dir, tmp_path):
+    """load_engine raises CheckpointError naming the file and the fix, before loading:
+    a missing directory, a config.json that is not JSON, a cut-short model.safetensors."""
+    from qwen.demo_utils import CheckpointError
+    from qwen.serving.app import load_engine
+
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_engine(str(tmp_path / "no-such-checkpoint"), cpu_only=True)
+    for name, damage in (("config.json", b"{oops"), ("model.safetensors", None)):
+        ckpt = tmp_path / name
+        ckpt.mkdir()
+        for path in tiny_chat_dir.iterdir():
+            (ckpt / path.name).symlink_to(path)
+        (ckpt / name).unlink()
+        original = (tiny_chat_dir / name).read_bytes()
+        (ckpt / name).write_bytes(damage if damage is not None else original[: len(original) // 2])
+        with pytest.raises(CheckpointError, match=f"{ckpt / name} is .*(restore it|download it again)"):
+            load_engine(str(ckpt), cpu_only=True)

@@ -136,7 +136,18 @@ def load_engine(
     The model is loaded (and packed) in a helper thread, so that the calling thread keeps
     no OpenMP workers that would slow the engine's own thread down (see
     :func:`qwen.qwen_generation_utils.call_off_main_thread`).
+
+    Raises :class:`qwen.demo_utils.CheckpointError`, with a one-line message naming the
+    file and the fix, for a checkpoint that is missing, damaged or cannot be loaded.
     """
+    from qwen.demo_utils import check_weights, loading_errors, resolve_checkpoint
+
+    # A missing directory, an unreadable config.json or a cut-short weights file is named
+    # here, before minutes of loading.
+    checkpoint, is_local = resolve_checkpoint(checkpoint)
+    if is_local:
+        check_weights(checkpoint)
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -146,13 +157,11 @@ def load_engine(
     use_cuda = torch.cuda.is_available() and not cpu_only
     device = "cuda" if use_cuda else "cpu"
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if dtype == "auto":
-        torch_dtype = None if use_cuda else stored_dtype(checkpoint)
-    elif dtype in dtypes:
-        torch_dtype = dtypes[dtype]
-    else:
+    if dtype != "auto" and dtype not in dtypes:
         raise ValueError(f"dtype must be one of auto, {', '.join(dtypes)}; got {dtype!r}")
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    with loading_errors(checkpoint, is_local):
+        torch_dtype = dtypes.get(dtype) if dtype != "auto" else None if use_cuda else stored_dtype(checkpoint)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     kwargs: dict[str, Any] = {"device_map": device}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
@@ -171,7 +180,8 @@ def load_engine(
 
     # Off the main thread: the engine decodes in its own thread, which runs 10-20% slower
     # when the main thread has OpenMP workers of its own (see call_off_main_thread).
-    model = call_off_main_thread(load)
+    with loading_errors(checkpoint, is_local):
+        model = call_off_main_thread(load)
     return Engine(
         model,
         tokenizer,
