@@ -16,7 +16,16 @@ then, once each, ``interleaved`` and ``interleaved-compiled``: this package's de
 that drift between processes does not move).
 Each prints one JSON line; the last line is a summary of medians.
 
+With ``--baseline DIR`` (another checkout of this repository, e.g. the previous commit:
+``mkdir DIR && git archive HEAD~1 | tar -x -C DIR``) every run of this package is also made with the
+``qwen`` package of DIR (``PYTHONPATH=DIR``) as ``qwen-baseline``,
+``qwen-compiled-baseline``, ``interleaved-baseline`` and ``interleaved-compiled-baseline``,
+each right beside its counterpart on this checkout (whose workers get this checkout first
+on ``PYTHONPATH``); every line records the ``qwen.__file__`` its process imported, and the
+summary adds the ratios current/baseline (``*_vs_baseline``).
+
     python benchmarks/decode.py --rounds 3
+    python benchmarks/decode.py --rounds 3 --baseline /tmp/baseline
 """
 
 from __future__ import annotations
@@ -28,12 +37,16 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
 SHAPE = dict(layers=24, hidden=2048, heads=16, intermediate=11008, vocab_size=151936, seq_length=8192)
 ENDOFTEXT = 151643
 CONTENDERS = ("qwen", "qwen-compiled", "qwen2")
 INTERLEAVED = ("interleaved", "interleaved-compiled")
+BASELINE = "-baseline"  # suffix of a run with the baseline checkout's package
+WITH_BASELINE = ("qwen", "qwen-compiled", *INTERLEAVED)  # the runs that import this package
 DEFAULT_DIR = Path(os.environ.get("QWEN_BENCH_DIR", Path.home() / ".cache" / "qwen-bench")) / "qwen-1.8b-random"
 
 
@@ -185,7 +198,10 @@ def probe_matrices(rows: int, cols: int) -> list:
     pages where this machine has them (this package loads its weights there)."""
     import torch
 
-    from qwen.modeling_qwen import _transparent_huge_pages, huge_page_empty_like
+    try:
+        from qwen.cpu_memory import _transparent_huge_pages, huge_page_empty_like
+    except ImportError:  # a checkout from before the CPU engine left the model file (--baseline)
+        from qwen.modeling_qwen import _transparent_huge_pages, huge_page_empty_like
 
     w = torch.randn(rows, cols).to(torch.bfloat16)
     return [w, huge_page_empty_like(w).copy_(w)] if _transparent_huge_pages() else [w]
@@ -310,6 +326,75 @@ def run_interleaved(path: Path, prompt_len: int, steps: int, compiled: bool = Fa
     }
 
 
+def run_worker(args) -> dict:
+    """The run ``args.worker`` names, in this process; its line records where ``qwen`` came from."""
+    which = args.worker.removesuffix(BASELINE)
+    if which == "probe":
+        result = run_probe(args.ckpt)
+    elif which in INTERLEAVED:
+        result = run_interleaved(args.ckpt, args.prompt, args.interleaved_steps, compiled=which.endswith("compiled"))
+    else:
+        path = args.ckpt.with_name(args.ckpt.name + "-qwen2") if which == "qwen2" else args.ckpt
+        result = run_model(which, path, args.prompt, args.new_tokens)
+    result["contender"] = args.worker
+    result["qwen_file"] = getattr(sys.modules.get("qwen"), "__file__", None)
+    return result
+
+
+def run_in_process(which: str, args, baseline: Path | None = None) -> dict:
+    """Run ``which`` in a fresh worker process; its JSON line.
+
+    The worker imports ``qwen`` from ``baseline`` for a ``-baseline`` run, else from this
+    checkout: that directory goes first on its ``PYTHONPATH`` (ahead of an installed
+    package). A line whose ``qwen_file`` lies elsewhere, or a run of this package without
+    one, stops the benchmark.
+    """
+    root = REPO
+    if which.endswith(BASELINE):
+        if baseline is None:
+            raise ValueError(f"{which} needs a baseline checkout")
+        root = baseline
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", which, "--ckpt", str(args.ckpt)]
+    cmd += ["--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
+    cmd += ["--interleaved-steps", str(args.interleaved_steps)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(proc.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(1)
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    imported = line.get("qwen_file")
+    if imported is None and which != "qwen2":
+        raise SystemExit(f"{which}: the worker did not import qwen")
+    if imported is not None and not Path(imported).resolve().is_relative_to(Path(root).resolve()):
+        raise SystemExit(f"{which}: the worker imported qwen from {imported}, not from {root}")
+    return line
+
+
+def baseline_ratios(summary: dict, results: dict[str, list[dict]]) -> dict:
+    """current/baseline for each measure the summary holds for both runs of a pair, the
+    decode speeds' ratios round by round (each pair ran next to each other) and whether
+    both decoded the same greedy tokens."""
+    out = {}
+    for which in WITH_BASELINE:
+        name = which.replace("-", "_")
+        name = name if name.startswith("qwen") else f"qwen_{name}"
+        for measure in ("load_s", "first_generate_s", "ttft_s", "decode_tok_s", "peak_rss_gib", "decode_vs_bound"):
+            current, base = summary.get(f"{name}_{measure}"), summary.get(f"{name}_baseline_{measure}")
+            if current is not None and base:
+                out[f"{name}_{measure}_vs_baseline"] = round(current / base, 3)
+        current, base = results.get(which), results.get(which + BASELINE)
+        if which in CONTENDERS and current and base:
+            out[f"{name}_decode_tok_s_vs_baseline_per_round"] = [
+                round(a["decode_tok_s"] / b["decode_tok_s"], 3) for a, b in zip(current, base, strict=True)
+            ]
+            out[f"{name}_same_greedy_tokens_as_baseline"] = all(
+                a["tokens"] == b["tokens"] for a, b in zip(current, base, strict=True)
+            )
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=Path, default=DEFAULT_DIR, help=f"checkpoint dir (default {DEFAULT_DIR})")
@@ -327,39 +412,45 @@ def main() -> int:
     parser.add_argument(
         "--no-compiled", action="store_true", help="skip the compiled contender and its interleaved run"
     )
-    parser.add_argument("--worker", choices=[*CONTENDERS, "probe", *INTERLEAVED], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="another checkout of this repository: also run each of this package's runs with DIR's qwen package "
+        "(PYTHONPATH=DIR), alternating, and report the ratios current/baseline",
+    )
+    workers = [*CONTENDERS, "probe", *INTERLEAVED, *(which + BASELINE for which in WITH_BASELINE)]
+    parser.add_argument("--worker", choices=workers, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.baseline is not None and not args.worker:
+        args.baseline = args.baseline.resolve()
+        if not (args.baseline / "qwen" / "__init__.py").is_file():
+            parser.error(f"--baseline {args.baseline}: no qwen/__init__.py there (give a checkout of this repository)")
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     if args.worker:
-        ckpt, twin = args.ckpt, args.ckpt.with_name(args.ckpt.name + "-qwen2")
-        if args.worker == "probe":
-            result = run_probe(ckpt)
-        elif args.worker in INTERLEAVED:
-            result = run_interleaved(
-                ckpt, args.prompt, args.interleaved_steps, compiled=args.worker.endswith("compiled")
-            )
-        else:
-            result = run_model(args.worker, twin if args.worker == "qwen2" else ckpt, args.prompt, args.new_tokens)
-        print(json.dumps(result), flush=True)
+        print(json.dumps(run_worker(args)), flush=True)
         return 0
 
     ensure_checkpoints(args.ckpt)
-    contenders = [c for c in CONTENDERS if not (args.no_compiled and c == "qwen-compiled")]
-    results: dict[str, list[dict]] = {which: [] for which in (*CONTENDERS, "probe", *INTERLEAVED)}
+
+    def paired(names) -> list[str]:
+        """Each name, followed by its baseline run where ``--baseline`` asks for one."""
+        out = []
+        for which in names:
+            out.append(which)
+            if args.baseline is not None and which in WITH_BASELINE:
+                out.append(which + BASELINE)
+        return out
+
+    contenders = paired(c for c in CONTENDERS if not (args.no_compiled and c == "qwen-compiled"))
+    results: dict[str, list[dict]] = defaultdict(list)
 
     def run(which: str, r: int) -> dict:
-        cmd = [sys.executable, __file__, "--worker", which, "--ckpt", str(args.ckpt)]
-        cmd += ["--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
-        cmd += ["--interleaved-steps", str(args.interleaved_steps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(proc.stderr[-4000:], file=sys.stderr)
-            raise SystemExit(1)
-        line = json.loads(proc.stdout.strip().splitlines()[-1])
+        line = run_in_process(which, args, baseline=args.baseline)
         line["round"] = r
         print(json.dumps(line), flush=True)
         results[which].append(line)
@@ -388,6 +479,8 @@ def main() -> int:
         "gemv_gb_s": med("probe", "gemv_gb_s"),
         "decode_bound_tok_s": bound,
     }
+    if args.baseline is not None:
+        summary["baseline"] = str(args.baseline)
     for which in contenders:
         key_of = which.replace("-", "_")
         for key in ("load_s", "ttft_s", "decode_tok_s", "peak_rss_gib", "weights_gib"):
@@ -399,14 +492,15 @@ def main() -> int:
         summary[f"{key_of}_rss_vs_weights"] = round(
             summary[f"{key_of}_peak_rss_gib"] / summary[f"{key_of}_weights_gib"], 3
         )
-    if "qwen-compiled" in contenders:
-        summary["qwen_compiled_first_generate_s"] = med("qwen-compiled", "first_generate_s")
+    for which in ("qwen-compiled", "qwen-compiled" + BASELINE):
+        if which in contenders:
+            summary[f"{which.replace('-', '_')}_first_generate_s"] = med(which, "first_generate_s")
     if args.interleaved_steps > 0:
-        for which in INTERLEAVED:
-            if which.endswith("compiled") and args.no_compiled:
-                continue
+        for which in paired(i for i in INTERLEAVED if not (i.endswith("compiled") and args.no_compiled)):
             line = run(which, args.rounds)
             summary[f"qwen_{which.replace('-', '_')}_decode_vs_bound"] = line["decode_vs_bound"]
+    if args.baseline is not None:
+        summary.update(baseline_ratios(summary, results))
     summary["same_greedy_tokens"] = all(
         a["tokens"] == b["tokens"] for a, b in zip(results["qwen"], results["qwen2"], strict=True)
     )

@@ -17,7 +17,14 @@ first token and p50 request latency. The last lines are per-client-count summari
 (medians over rounds) with the speedup of each batched configuration over the
 fastest one-at-a-time configuration.
 
+With ``--baseline DIR`` (another checkout of this repository, e.g. the previous commit:
+``mkdir DIR && git archive HEAD~1 | tar -x -C DIR``) each configuration also runs as ``NAME-baseline``:
+``DIR/openai_api.py`` with DIR's ``qwen`` package, right after (or, in odd rounds, before)
+the same configuration on this checkout. Every line records the ``qwen.__file__`` its
+server imported; the summaries add the ratios current/baseline (``NAME:dtype_vs_baseline``).
+
     python benchmarks/serve_load.py --rounds 1
+    python benchmarks/serve_load.py --rounds 2 --baseline /tmp/baseline
     python benchmarks/serve_load.py --configs batched:bf16:16,one-at-a-time:bf16:1 --clients 16 \\
         --prompt-tokens 16 --max-tokens 128 --threads 2
 """
@@ -43,6 +50,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIGS = "batched:bf16:16,batched:fp32:16,one-at-a-time:bf16:1"
+BASELINE = "-baseline"  # suffix of a configuration served by the baseline checkout
+# Runs a checkout's openai_api.py (argv[1]) with that checkout first on sys.path, after
+# importing its qwen package and saying where from (the line is read from the server's log).
+SERVER_BOOT = """\
+import os, runpy, sys
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(script))
+import qwen
+print("qwen_file=" + qwen.__file__, flush=True)
+runpy.run_path(script, run_name="__main__")
+"""
 
 
 def _decode_module():
@@ -91,19 +110,24 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, ckpt: Path, dtype: str, max_batch_size: int, threads: int, log: Path):
+    """``ROOT/openai_api.py`` of a checkout (this one by default), importing that
+    checkout's ``qwen`` package (first on its path); ``qwen_file`` is where it came from."""
+
+    def __init__(self, ckpt: Path, dtype: str, max_batch_size: int, threads: int, log: Path, root: Path = REPO):
         import httpx
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, str(REPO / "openai_api.py"), "-c", str(ckpt), "--cpu-only"]
+        cmd = [sys.executable, "-c", SERVER_BOOT, str(root / "openai_api.py"), "-c", str(ckpt), "--cpu-only"]
         cmd += ["--server-port", str(self.port), "--dtype", dtype, "--max-batch-size", str(max_batch_size)]
         cmd += ["--max-queue", "256", "--log-level", "warning"]
         if threads:
             cmd += ["--threads", str(threads)]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
         self.log = log
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT, env=env)
         t0 = time.perf_counter()
         while True:
             if self.proc.poll() is not None:
@@ -118,6 +142,11 @@ class Server:
                 raise RuntimeError("server did not start within 30 minutes")
             time.sleep(1)
         self.load_s = time.perf_counter() - t0
+        found = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("qwen_file=")]
+        self.qwen_file = found[0].removeprefix("qwen_file=") if found else None
+        if self.qwen_file is None or not Path(self.qwen_file).resolve().is_relative_to(Path(root).resolve()):
+            self.stop()
+            raise RuntimeError(f"the server of {root} imported qwen from {self.qwen_file}, not from {root}")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -194,6 +223,33 @@ def load_average() -> float | None:
         return None
 
 
+def baseline_ratios(results: list[dict], configs: list[dict], clients: int) -> dict:
+    """For each configuration run on both checkouts: current/baseline of the medians
+    (tokens/s, time to first token) and of tokens/s round by round (each pair ran next to
+    each other), at ``clients`` concurrent clients."""
+    out = {}
+    for config in configs:
+        if config["config"].endswith(BASELINE):
+            continue
+        dtype = config["dtype"]
+        current, base = (
+            sorted(
+                (x for x in results if x["clients"] == clients and x["config"] == name and x["dtype"] == dtype),
+                key=lambda x: x["round"],
+            )
+            for name in (config["config"], config["config"] + BASELINE)
+        )
+        if not current or not base:
+            continue
+        ratios = {}
+        for measure in ("tok_s", "ttft_p50_s", "ttft_p95_s"):
+            a, b = (statistics.median(x[measure] for x in side) for side in (current, base))
+            ratios[measure] = round(a / b, 3) if b else None
+        ratios["tok_s_per_round"] = [round(a["tok_s"] / b["tok_s"], 3) for a, b in zip(current, base, strict=True)]
+        out[f"{config['config']}:{dtype}_vs_baseline"] = ratios
+    return out
+
+
 def main() -> int:
     # Stop the server we started when killed, too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -208,12 +264,27 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=32, help="generated tokens per request (default 32)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds, configurations alternating (default 1)")
     parser.add_argument("--threads", type=int, default=0, help="server torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="another checkout of this repository: also run each configuration as NAME-baseline with "
+        "DIR/openai_api.py and DIR's qwen package, alternating, and report the ratios current/baseline",
+    )
     args = parser.parse_args()
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
+        if not (args.baseline / "openai_api.py").is_file() or not (args.baseline / "qwen" / "__init__.py").is_file():
+            parser.error(
+                f"--baseline {args.baseline}: no openai_api.py and qwen/ there (give a checkout of this repository)"
+            )
 
     configs = []
     for spec in args.configs.split(","):
         name, dtype, batch = spec.split(":")
         configs.append({"config": name, "dtype": dtype, "max_batch_size": int(batch)})
+        if args.baseline is not None:
+            configs.append({"config": name + BASELINE, "dtype": dtype, "max_batch_size": int(batch)})
     clients = [int(c) for c in args.clients.split(",")]
     ckpt = ensure_checkpoint(args.ckpt)
     rng = random.Random(0)
@@ -226,7 +297,8 @@ def main() -> int:
             order = configs if r % 2 == 0 else configs[::-1]
             for config in order:
                 log = Path(tmp) / f"server-{config['config']}-{config['dtype']}-{r}.log"
-                server = Server(ckpt, config["dtype"], config["max_batch_size"], args.threads, log)
+                root = args.baseline if config["config"].endswith(BASELINE) else REPO
+                server = Server(ckpt, config["dtype"], config["max_batch_size"], args.threads, log, root=root)
                 try:
                     asyncio.run(run_load(server.url, prompts[:1], 2))  # warm-up, not measured
                     for count in clients:
@@ -235,6 +307,7 @@ def main() -> int:
                         line["max_tokens"] = args.max_tokens
                         line.update(asyncio.run(run_load(server.url, prompts[:count], args.max_tokens)))
                         line.update(server_load_s=round(server.load_s, 1), loadavg=[load_before, load_average()])
+                        line["qwen_file"] = server.qwen_file
                         print(json.dumps(line), flush=True)
                         results.append(line)
                 finally:
@@ -248,13 +321,19 @@ def main() -> int:
             rows = [x for x in results if x["clients"] == count and f"{x['config']}:{x['dtype']}" == key]
             medians[key] = {m: statistics.median(x[m] for x in rows) for m in ("tok_s", "ttft_p50_s", "ttft_p95_s")}
             summary[key] = medians[key]
-        singles = {k: v["tok_s"] for k, v in medians.items() if k.split(":")[0] != "batched"}
-        if singles:
-            best = max(singles, key=singles.get)
-            summary["best_one_at_a_time"] = best
-            for key, value in medians.items():
-                if key.split(":")[0] == "batched":
-                    summary[f"speedup_{key}"] = round(value["tok_s"] / singles[best], 2)
+        # Batched over the fastest one-at-a-time configuration, of this checkout and of the baseline apart.
+        for suffix in ("", BASELINE) if args.baseline is not None else ("",):
+            group = {k: v for k, v in medians.items() if k.split(":")[0].endswith(BASELINE) == bool(suffix)}
+            group = group if args.baseline is not None else medians
+            singles = {k: v["tok_s"] for k, v in group.items() if k.split(":")[0].removesuffix(suffix) != "batched"}
+            if singles:
+                best = max(singles, key=singles.get)
+                summary["best_one_at_a_time" + suffix.replace("-", "_")] = best
+                for key, value in group.items():
+                    if key.split(":")[0].removesuffix(suffix) == "batched":
+                        summary[f"speedup_{key}"] = round(value["tok_s"] / singles[best], 2)
+        if args.baseline is not None:
+            summary.update(baseline_ratios(results, configs, count))
         print(json.dumps(summary), flush=True)
     return 0
 
