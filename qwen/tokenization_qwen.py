@@ -5,8 +5,11 @@ line (151,643 ranks, the rank is the token id). On top of it sit 208 special tok
 at fixed ids: ``<|endoftext|>`` (151643), ``<|im_start|>`` (151644), ``<|im_end|>``
 (151645) and ``<|extra_0|>`` ... ``<|extra_204|>`` (151646-151850).
 
-This module only imports the standard library, ``tiktoken`` and ``transformers``, so
-it can be copied into a checkpoint directory and loaded as remote code
+Qwen's own parts are the encoding of one string (:meth:`QWenTokenizer.encode_text`),
+decoding and the vocabulary; batches, padding, truncation, pairs and tensors are
+``transformers``' ``PreTrainedTokenizer`` machinery. This module only imports the
+standard library, ``tiktoken`` and ``transformers``, so it can be copied into a
+checkpoint directory and loaded as remote code
 (``AutoTokenizer.from_pretrained(path, trust_remote_code=True)``).
 """
 
@@ -14,8 +17,8 @@ from __future__ import annotations
 
 import base64
 import codecs
-import functools
 import importlib.util
+import itertools
 import logging
 import os
 import re
@@ -26,7 +29,6 @@ from typing import Any
 import tiktoken
 from transformers import AddedToken, BatchEncoding, PreTrainedTokenizer
 from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
-from transformers.utils import to_py_obj
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +49,11 @@ SPECIAL_START_ID = 151643
 SPECIAL_TOKENS: dict[str, int] = {
     token: SPECIAL_START_ID + offset for offset, token in enumerate((ENDOFTEXT, IMSTART, IMEND, *EXTRAS))
 }
+_SPECIAL_BY_ID = {index: token for token, index in SPECIAL_TOKENS.items()}
+_SPECIAL_SET = frozenset(SPECIAL_TOKENS)
 
 # sha256 of the vocabulary shipped with every official checkpoint (and with dashscope).
 QWEN_TIKTOKEN_SHA256 = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
-
-_DECODE_ERRORS_DOC = '"replace" (default), "ignore", "strict" or any other `bytes.decode` error handler'
 
 
 class MissingVocabularyError(ValueError):
@@ -59,18 +61,12 @@ class MissingVocabularyError(ValueError):
 
 
 def default_vocab_file() -> str | None:
-    """Path of the ``qwen.tiktoken`` shipped inside the PyPI package ``dashscope``, or None.
-
-    The package is located without being imported (importing dashscope pulls in its
-    HTTP client stack).
-    """
+    """Path of the ``qwen.tiktoken`` in the PyPI package ``dashscope`` (found without importing it), or None."""
     try:
         spec = importlib.util.find_spec("dashscope")
     except (ImportError, ValueError):
         return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
+    for location in (spec.submodule_search_locations or []) if spec else []:
         candidate = os.path.join(location, "resources", VOCAB_FILES_NAMES["vocab_file"])
         if os.path.isfile(candidate):
             return candidate
@@ -83,27 +79,21 @@ def load_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
     Unlike ``tiktoken.load.load_tiktoken_bpe`` this never caches by file name, so a file
     rewritten in place is always read afresh.
     """
-    with open(path, "rb") as handle:
-        data = handle.read()
     ranks: dict[bytes, int] = {}
-    for line_number, line in enumerate(data.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            token_b64, rank = line.split()
-            token = base64.b64decode(token_b64, validate=True)
-            rank = int(rank)
-        except (ValueError, TypeError) as error:
-            raise ValueError(
-                f"{path}, line {line_number}: expected '<base64 token bytes> <rank>', got {line[:80]!r}"
-            ) from error
-        if not token:
-            raise ValueError(f"{path}, line {line_number}: empty token")
-        if token in ranks:
-            raise ValueError(f"{path}, line {line_number}: token {token!r} appears twice")
-        if rank < 0:
-            raise ValueError(f"{path}, line {line_number}: negative rank {rank}")
-        ranks[token] = rank
+    with open(path, "rb") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            try:
+                if line.strip():
+                    token_b64, rank_text = line.split()
+                    token, rank = base64.b64decode(token_b64, validate=True), int(rank_text)
+                    if not token or rank < 0 or token in ranks:
+                        raise ValueError("an empty or repeated token, or a negative rank")
+                    ranks[token] = rank
+            except ValueError as error:
+                raise ValueError(
+                    f"{path}, line {line_number}: expected '<base64 token bytes> <rank>' with a new token and a "
+                    f"rank >= 0, got {line[:80]!r}"
+                ) from error
     return ranks
 
 
@@ -112,11 +102,6 @@ def dump_tiktoken_ranks(ranks: dict[bytes, int], path: str | os.PathLike) -> Non
     with open(path, "wb") as handle:
         for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
             handle.write(base64.b64encode(token) + b" " + str(rank).encode("ascii") + b"\n")
-
-
-@functools.lru_cache(maxsize=64)
-def _special_token_regex(tokens: frozenset[str]) -> re.Pattern[str]:
-    return re.compile("|".join(re.escape(token) for token in sorted(tokens, key=len, reverse=True)))
 
 
 def _token_content(token: str | AddedToken) -> str:
@@ -150,8 +135,7 @@ class QWenTokenizer(PreTrainedTokenizer):
 
     vocab_files_names = VOCAB_FILES_NAMES
     model_input_names = ["input_ids", "attention_mask"]
-    # save_pretrained copies this file next to the saved files and writes the auto_map,
-    # like the official checkpoints.
+    # save_pretrained copies this file next to the saved files and writes the auto_map, like official checkpoints.
     _auto_class = "AutoTokenizer"
 
     def __init__(
@@ -165,29 +149,35 @@ class QWenTokenizer(PreTrainedTokenizer):
             if kwargs.get("name_or_path"):
                 raise MissingVocabularyError(_missing_vocab_message(kwargs["name_or_path"]))
             vocab_file = default_vocab_file()
-            if vocab_file is None:
-                raise MissingVocabularyError(_missing_vocab_message(None))
-        vocab_file = os.fspath(vocab_file)
-        if not os.path.isfile(vocab_file):
-            raise MissingVocabularyError(_missing_vocab_message(vocab_file))
-
-        self.errors = _check_errors(errors)
-        self.vocab_file = vocab_file
-        self.mergeable_ranks = load_tiktoken_ranks(vocab_file)
-        clashes = sorted(set(self.mergeable_ranks.values()) & set(SPECIAL_TOKENS.values()))
-        if clashes:
+        if vocab_file is None or not os.path.isfile(vocab_file):
+            raise MissingVocabularyError(_missing_vocab_message(vocab_file and os.fspath(vocab_file)))
+        try:
+            codecs.lookup_error(errors)
+        except (LookupError, TypeError) as error:
             raise ValueError(
-                f"{vocab_file} assigns ranks {clashes[:5]} that belong to Qwen special tokens "
+                f"errors must be a `bytes.decode` error handler such as 'replace', got {errors!r}"
+            ) from error
+
+        self.errors = errors
+        self.vocab_file = os.fspath(vocab_file)
+        self.mergeable_ranks = load_tiktoken_ranks(vocab_file)
+        ids = set(self.mergeable_ranks.values())
+        if len(ids) != len(self.mergeable_ranks) or ids & _SPECIAL_BY_ID.keys():
+            raise ValueError(
+                f"{vocab_file} gives several tokens the same rank, or a token the id of a Qwen special token "
                 f"({SPECIAL_START_ID}-{SPECIAL_START_ID + len(SPECIAL_TOKENS) - 1})"
             )
-        if len(set(self.mergeable_ranks.values())) != len(self.mergeable_ranks):
-            raise ValueError(f"{vocab_file} gives the same rank to several tokens")
         if extra_vocab_file is not None:
             self._add_extra_vocab(os.fspath(extra_vocab_file))
         self._build_runtime()
 
         # Our special tokens are fixed: they are never stored as transformers "added tokens".
-        self._check_added_tokens_decoder(kwargs.pop("added_tokens_decoder", None) or {})
+        for index, token in (kwargs.pop("added_tokens_decoder", None) or {}).items():
+            content = token["content"] if isinstance(token, dict) else _token_content(token)
+            if SPECIAL_TOKENS.get(content) != int(index):
+                logger.warning(
+                    "Ignoring added token %r at id %s: QWenTokenizer has fixed special tokens", content, index
+                )
         kwargs.setdefault("clean_up_tokenization_spaces", False)
         super().__init__(errors=errors, **kwargs)
         # Loading details that have no business in a saved tokenizer_config.json.
@@ -197,11 +187,9 @@ class QWenTokenizer(PreTrainedTokenizer):
         for key in ("padding_side", "truncation_side", "split_special_tokens"):
             self.init_kwargs.setdefault(key, getattr(self, key))
 
-    # ------------------------------------------------------------------ setup
-
     def _add_extra_vocab(self, extra_vocab_file: str) -> None:
         extra = load_tiktoken_ranks(extra_vocab_file)
-        used_ids = set(self.mergeable_ranks.values()) | set(SPECIAL_TOKENS.values())
+        used_ids = set(self.mergeable_ranks.values()) | set(_SPECIAL_BY_ID)
         skipped = []
         for token, rank in sorted(extra.items(), key=lambda item: item[1]):
             if token in self.mergeable_ranks:
@@ -211,44 +199,20 @@ class QWenTokenizer(PreTrainedTokenizer):
             else:
                 self.mergeable_ranks[token] = rank
                 used_ids.add(rank)
-                continue
-            logger.debug("extra vocabulary %s: skipping %s", extra_vocab_file, skipped[-1])
         if skipped:
-            logger.warning(
-                "extra vocabulary %s: skipped %d of %d entries that already exist: %s%s",
-                extra_vocab_file,
-                len(skipped),
-                len(extra),
-                ", ".join(skipped[:5]),
-                ", ..." if len(skipped) > 5 else "",
-            )
+            more = ", ..." if len(skipped) > 5 else ""
+            message = "extra vocabulary %s: skipped %d of %d entries that already exist: %s%s"
+            logger.warning(message, extra_vocab_file, len(skipped), len(extra), ", ".join(skipped[:5]), more)
 
     def _build_runtime(self) -> None:
-        """(Re)create everything derived from ``mergeable_ranks`` (not pickled)."""
+        """(Re)create the tiktoken encoder and the id -> bytes table from ``mergeable_ranks`` (not pickled)."""
         self._encoding = tiktoken.Encoding(
             "Qwen", pat_str=PAT_STR, mergeable_ranks=self.mergeable_ranks, special_tokens=SPECIAL_TOKENS
         )
         self._decoder: dict[int, bytes] = {rank: token for token, rank in self.mergeable_ranks.items()}
-        self._special_decoder: dict[int, str] = {index: token for token, index in SPECIAL_TOKENS.items()}
-        self._special_set = frozenset(SPECIAL_TOKENS)
-
-    @staticmethod
-    def _check_added_tokens_decoder(added_tokens_decoder: dict) -> None:
-        for index, token in added_tokens_decoder.items():
-            content = token["content"] if isinstance(token, dict) else _token_content(token)
-            if SPECIAL_TOKENS.get(content) != int(index):
-                logger.warning(
-                    "Ignoring added token %r at id %s from the tokenizer configuration: QWenTokenizer "
-                    "only has its fixed special tokens.",
-                    content,
-                    index,
-                )
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        for key in ("_encoding", "_decoder", "_special_decoder", "_special_set"):
-            state.pop(key, None)
-        return state
+        return {key: value for key, value in self.__dict__.items() if key not in ("_encoding", "_decoder")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -266,90 +230,59 @@ class QWenTokenizer(PreTrainedTokenizer):
         """Surface form -> id of the 208 special tokens."""
         return dict(SPECIAL_TOKENS)
 
-    @property
-    def eod_id(self) -> int:
-        return SPECIAL_TOKENS[ENDOFTEXT]
-
-    @property
-    def im_start_id(self) -> int:
-        return SPECIAL_TOKENS[IMSTART]
-
-    @property
-    def im_end_id(self) -> int:
-        return SPECIAL_TOKENS[IMEND]
-
-    @property
-    def vocab_size(self) -> int:
-        return self._encoding.n_vocab
+    eod_id = property(lambda self: SPECIAL_TOKENS[ENDOFTEXT])
+    im_start_id = property(lambda self: SPECIAL_TOKENS[IMSTART])
+    im_end_id = property(lambda self: SPECIAL_TOKENS[IMEND])
+    vocab_size = property(lambda self: self._encoding.n_vocab)
 
     def __len__(self) -> int:
         return self._encoding.n_vocab
 
     def get_vocab(self) -> dict[bytes | str, int]:
         """Token -> id: ``bytes`` keys for BPE tokens, ``str`` keys for special tokens."""
-        vocab: dict[bytes | str, int] = dict(self.mergeable_ranks)
-        vocab.update(SPECIAL_TOKENS)
-        return vocab
+        return {**self.mergeable_ranks, **SPECIAL_TOKENS}
 
     @property
     def all_special_tokens(self) -> list[str]:
         """Named special tokens (pad, eos, ...) and every Qwen special token."""
-        tokens = dict.fromkeys(super().all_special_tokens)
-        tokens.update(dict.fromkeys(SPECIAL_TOKENS))
-        return list(tokens)
-
-    @property
-    def all_special_ids(self) -> list[int]:
-        return self.convert_tokens_to_ids(self.all_special_tokens)
+        return list(dict.fromkeys([*super().all_special_tokens, *SPECIAL_TOKENS]))
 
     @property
     def added_tokens_encoder(self) -> dict[str, int]:
-        """The special tokens, which play the part of transformers' added tokens.
-
-        (``added_tokens_decoder`` stays empty, so that saved configurations do not list
-        the 208 fixed tokens.)
-        """
+        # The special tokens play the part of added tokens (added_tokens_decoder stays empty,
+        # so that saved configurations do not list the 208 fixed tokens).
         return dict(SPECIAL_TOKENS)
 
     def _get_control_tokens(self, chat_template: str) -> tuple[str, ...]:
         # What apply_chat_template(..., sanitize_control_tokens=True) neutralises in messages.
-        if self.chat_control_tokens is not None:
-            return tuple(token for token in SPECIAL_TOKENS if token in set(self.chat_control_tokens))
-        return tuple(SPECIAL_TOKENS)
-
-    def get_special_tokens_mask(
-        self, token_ids_0: list[int], token_ids_1: list[int] | None = None, already_has_special_tokens: bool = False
-    ) -> list[int]:
-        if already_has_special_tokens:
-            if token_ids_1 is not None:
-                raise ValueError("token_ids_1 must be None when already_has_special_tokens=True")
-            return [1 if int(index) in self._special_decoder else 0 for index in token_ids_0]
-        return [0] * (len(token_ids_0) + len(token_ids_1 or ()))
+        chosen = set(self.chat_control_tokens if self.chat_control_tokens is not None else SPECIAL_TOKENS)
+        return tuple(token for token in SPECIAL_TOKENS if token in chosen)
 
     def _add_tokens(self, new_tokens: Iterable[str | AddedToken], special_tokens: bool = False) -> int:
         """Only accepts tokens that already are Qwen special tokens (adds nothing)."""
         unknown = [_token_content(token) for token in new_tokens or () if _token_content(token) not in SPECIAL_TOKENS]
         if unknown:
-            kind = "special tokens" if special_tokens else "tokens"
             raise ValueError(
-                f"QWenTokenizer cannot add new {kind} {unknown[:5]}: its vocabulary is fixed. Use one of "
-                f"the reserved special tokens {EXTRAS[0]} ... {EXTRAS[-1]} (ids {SPECIAL_TOKENS[EXTRAS[0]]}-"
-                f"{SPECIAL_TOKENS[EXTRAS[-1]]}) for a new control token, or extend the BPE vocabulary "
-                "with `extra_vocab_file` (see tokenization_note.md)."
+                f"QWenTokenizer cannot add new {'special tokens' if special_tokens else 'tokens'} {unknown[:5]}: its "
+                f"vocabulary is fixed. Use one of the reserved special tokens {EXTRAS[0]} ... {EXTRAS[-1]} (ids "
+                f"{SPECIAL_TOKENS[EXTRAS[0]]}-{SPECIAL_TOKENS[EXTRAS[-1]]}) for a new control token, or extend the "
+                "BPE vocabulary with `extra_vocab_file` (see tokenization_note.md)."
             )
         return 0
 
     def add_special_tokens(self, special_tokens_dict: dict[str, Any], replace_extra_special_tokens: bool = True) -> int:
         # Validate before the base class starts assigning attributes.
-        values: list[Any] = []
         for value in (special_tokens_dict or {}).values():
-            values.extend(value if isinstance(value, (list, tuple)) else [value])
-        self._add_tokens([value for value in values if isinstance(value, (str, AddedToken))], special_tokens=True)
+            self._add_tokens([value] if isinstance(value, (str, AddedToken)) else value, special_tokens=True)
         return super().add_special_tokens(special_tokens_dict, replace_extra_special_tokens)
 
-    # ---------------------------------------------------- tokens <-> ids
+    def convert_tokens_to_ids(self, tokens: Any) -> int | None | list[int | None]:
+        """Ids of ``bytes`` BPE tokens or ``str`` special tokens (None when unknown); other ``str`` by their UTF-8."""
+        if isinstance(tokens, (str, bytes, AddedToken)):
+            return self._convert_token_to_id(tokens)
+        return [self._convert_token_to_id(token) for token in tokens]
 
-    def _token_to_id(self, token: bytes | str | AddedToken) -> int | None:
+    def _convert_token_to_id(self, token: bytes | str | AddedToken) -> int | None:
         if isinstance(token, bytes):
             return self.mergeable_ranks.get(token)
         token = _token_content(token)
@@ -357,60 +290,19 @@ class QWenTokenizer(PreTrainedTokenizer):
             return SPECIAL_TOKENS[token]
         return self.mergeable_ranks.get(token.encode("utf-8", "surrogatepass"))
 
-    def convert_tokens_to_ids(self, tokens: Any) -> int | None | list[int | None]:
-        """Ids of ``bytes`` BPE tokens or ``str`` special tokens (None when unknown).
-
-        A ``str`` that is not a special token is looked up by its UTF-8 bytes.
-        """
-        if isinstance(tokens, (str, bytes, AddedToken)):
-            return self._token_to_id(tokens)
-        return [self._token_to_id(token) for token in tokens]
-
-    def _convert_token_to_id(self, token: bytes | str) -> int | None:
-        return self._token_to_id(token)
-
-    def _convert_token_to_id_with_added_voc(self, token: bytes | str) -> int | None:
-        return self._token_to_id(token)
-
-    def _id_to_token(self, index: int) -> bytes | str:
-        index = int(index)
-        token = self._decoder.get(index)
-        if token is None:
-            token = self._special_decoder.get(index)
-            if token is None:
-                raise ValueError(f"Token id {index} is not in the Qwen vocabulary (size {len(self)})")
-        return token
-
-    def convert_ids_to_tokens(self, ids: Any, skip_special_tokens: bool = False) -> bytes | str | list[bytes | str]:
-        """``bytes`` for BPE tokens, ``str`` for special tokens."""
-        ids = to_py_obj(ids)
-        if not isinstance(ids, (list, tuple)):
-            return self._id_to_token(ids)
-        if skip_special_tokens:
-            ids = [index for index in ids if int(index) not in self._special_decoder]
-        return [self._id_to_token(index) for index in ids]
-
     def _convert_id_to_token(self, index: int) -> bytes | str:
-        return self._id_to_token(index)
+        """``bytes`` for BPE tokens, ``str`` for special tokens."""
+        token = self._decoder.get(int(index)) or _SPECIAL_BY_ID.get(int(index))
+        if token is None:
+            raise ValueError(f"Token id {index} is not in the Qwen vocabulary (size {len(self)})")
+        return token
 
     def convert_tokens_to_string(self, tokens: Iterable[bytes | str], errors: str | None = None) -> str:
         """Join ``bytes`` tokens and decode them; ``str`` tokens are inserted as they are."""
-        errors = errors or self.errors
-        parts: list[str] = []
-        pending = b""
-        for token in tokens:
-            if isinstance(token, bytes):
-                pending += token
-            elif isinstance(token, str):
-                if pending:
-                    parts.append(pending.decode("utf-8", errors=errors))
-                    pending = b""
-                parts.append(token)
-            else:
-                raise TypeError(f"tokens must be bytes or str, got {type(token).__name__}")
-        if pending:
-            parts.append(pending.decode("utf-8", errors=errors))
-        return "".join(parts)
+        runs = itertools.groupby(tokens, key=lambda token: isinstance(token, bytes))
+        return "".join(
+            b"".join(run).decode("utf-8", errors or self.errors) if raw else "".join(run) for raw, run in runs
+        )
 
     # --------------------------------------------------------------- encode
 
@@ -435,259 +327,112 @@ class QWenTokenizer(PreTrainedTokenizer):
                 text"; the same as ``allowed_special=set()`` when that is not given.
         """
         text = _nfc(text)
-        if allowed_special is None and not disallowed_special and not split_special_tokens:
-            # The default: recognise all special tokens. They all start with "<|".
-            if "<|" not in text:
-                return self._encoding.encode_ordinary(text)
-            return self._encoding.encode(text, allowed_special=self._special_set, disallowed_special=())
-
-        explicit_allowed = allowed_special is not None
         if allowed_special is None:
-            allowed = frozenset() if split_special_tokens else self._special_set
-        elif allowed_special == "all":
-            allowed = self._special_set
+            allowed = frozenset() if split_special_tokens else _SPECIAL_SET
         else:
-            allowed = self._check_special_names(allowed_special, "allowed_special")
-        if disallowed_special == "all":
-            disallowed = self._special_set - allowed if explicit_allowed else self._special_set
-        else:
-            disallowed = self._check_special_names(disallowed_special or (), "disallowed_special")
-        if not explicit_allowed:
-            allowed = allowed - disallowed
-
-        if disallowed and "<|" in text:
-            match = _special_token_regex(disallowed).search(text)
-            if match:
-                raise ValueError(
-                    f"The text contains {match.group()!r} (at character {match.start()}), the surface form of "
-                    "a Qwen special token that disallowed_special forbids. To encode it as plain text pass "
-                    "allowed_special=set(), disallowed_special=(); to encode it as the special token, add it "
-                    "to allowed_special."
-                )
-        if not allowed or "<|" not in text:
+            allowed = _special_names(allowed_special, "allowed_special")
+        disallowed = _special_names(disallowed_special, "disallowed_special") if disallowed_special else frozenset()
+        if allowed_special is None and disallowed:
+            allowed -= disallowed
+        elif disallowed_special == "all":
+            disallowed -= allowed  # explicitly allowed tokens win (tiktoken's rule)
+        # Every special token starts with "<|": text without it is plain text.
+        if "<|" not in text or not (allowed or disallowed):
             return self._encoding.encode_ordinary(text)
+        match = disallowed and re.search("|".join(map(re.escape, sorted(disallowed, key=len, reverse=True))), text)
+        if match:
+            raise ValueError(
+                f"The text contains {match.group()!r} (at character {match.start()}), the surface form of a Qwen "
+                "special token that disallowed_special forbids. To encode it as plain text pass allowed_special=set(), "
+                "disallowed_special=(); to encode it as the special token, add it to allowed_special."
+            )
         return self._encoding.encode(text, allowed_special=allowed, disallowed_special=())
 
-    def _check_special_names(self, names: str | Collection[str], argument: str) -> frozenset[str]:
-        if not names:
-            return frozenset()
-        if isinstance(names, str):
-            raise TypeError(f'{argument} must be "all" or a collection of special tokens, got the string {names!r}')
-        names = frozenset(_token_content(name) for name in names)
-        unknown = names - self._special_set
-        if unknown:
-            raise ValueError(f"{argument} names tokens that are not Qwen special tokens: {sorted(unknown)[:5]}")
-        return names
-
-    @staticmethod
-    def _pop_encode_options(kwargs: dict[str, Any]) -> dict[str, Any]:
-        options = {
-            "allowed_special": kwargs.pop("allowed_special", None),
-            "disallowed_special": kwargs.pop("disallowed_special", ()),
-            "split_special_tokens": kwargs.pop("split_special_tokens", False),
-        }
-        if kwargs.pop("return_offsets_mapping", False):
-            raise NotImplementedError(
-                "QWenTokenizer cannot return offsets; use the fast tokenizer from QWenTokenizer.to_fast()."
-            )
-        return options
-
     def tokenize(self, text: str, **kwargs: Any) -> list[bytes | str]:
-        """Tokens of ``text``: ``bytes`` for BPE tokens, ``str`` for special tokens.
+        """Tokens of ``text``: ``bytes`` for BPE tokens, ``str`` for special tokens (options of :meth:`encode_text`)."""
+        return [self._convert_id_to_token(index) for index in self.encode_text(text, *self._special_options(kwargs))]
 
-        Accepts ``allowed_special``, ``disallowed_special`` and ``split_special_tokens``
-        like :meth:`encode_text`.
-        """
-        kwargs.setdefault("split_special_tokens", self.split_special_tokens)
-        options = self._pop_encode_options(kwargs)
-        return [self._id_to_token(index) for index in self.encode_text(text, **options)]
+    def _special_options(self, kwargs: dict[str, Any]) -> tuple[Any, Any, bool]:
+        return (
+            kwargs.get("allowed_special"),
+            kwargs.get("disallowed_special", ()),
+            kwargs.get("split_special_tokens", self.split_special_tokens),
+        )
 
-    def _tokenize(self, text: str, **kwargs: Any) -> list[bytes]:
-        # transformers' contract: no special-token handling here.
-        return [self._decoder[index] for index in self.encode_text(text, allowed_special=set())]
+    def _plain_ids(self, text: str, kwargs: dict[str, Any]) -> list[int]:
+        if kwargs:
+            ids = self.encode_text(text, *self._special_options(kwargs))
+        else:
+            ids = self.encode_text(text, None, (), self.split_special_tokens)
+        if len(ids) > self.model_max_length:
+            self._eventual_warn_about_too_long_sequence(ids, None, True)
+        return ids
 
     def encode(self, text: Any, text_pair: Any = None, *args: Any, **kwargs: Any) -> list[int]:
-        """Token ids of ``text``; see :meth:`encode_text` for the special-token options.
-
-        Takes the arguments of ``PreTrainedTokenizer.encode`` (padding, truncation, ...).
-        """
-        if (
-            text_pair is None
-            and not args
-            and isinstance(text, str)
-            and _is_plain_request(kwargs)
-            and kwargs.get("return_tensors") is None
-        ):
-            # Nothing to pad, truncate or convert: skip the BatchEncoding machinery.
-            if kwargs:
-                ids = self.encode_text(text, **self._encode_options(kwargs))
-            else:
-                ids = self.encode_text(text, None, (), self.split_special_tokens)
-            if len(ids) > self.model_max_length:
-                self._eventual_warn_about_too_long_sequence(ids, None, kwargs.get("verbose", True))
-            return ids
+        """``PreTrainedTokenizer.encode``, also taking the special-token options of :meth:`encode_text`."""
+        if _is_plain(text, text_pair, args, kwargs):
+            return self._plain_ids(text, kwargs)
         return super().encode(text, text_pair, *args, **kwargs)
 
     def __call__(self, text: Any = None, text_pair: Any = None, *args: Any, **kwargs: Any) -> BatchEncoding:
-        """Encode a string, a batch of strings or pairs; see ``PreTrainedTokenizer.__call__``.
+        """``PreTrainedTokenizer.__call__``, also taking the special-token options of :meth:`encode_text`."""
+        if not _is_plain(text, text_pair, args, kwargs):
+            return super().__call__(text, text_pair, *args, **kwargs)
+        # The call a chat or a server makes: the generic result without the generic argument plumbing.
+        ids = self._plain_ids(text, kwargs)
+        out = BatchEncoding()
+        out.data = {"input_ids": ids}  # filled in place: BatchEncoding(data) copies it key by key
+        if "attention_mask" in self.model_input_names:
+            out.data["attention_mask"] = [1] * len(ids)
+        if "token_type_ids" in self.model_input_names:
+            out.data["token_type_ids"] = [0] * len(ids)
+        return out
 
-        Also accepts ``allowed_special`` and ``disallowed_special`` (see :meth:`encode_text`).
+    def _encode_plus(self, text: Any, text_pair: Any = None, **kwargs: Any) -> BatchEncoding:
+        """Encode a string or a batch of strings (Qwen adds no special tokens: truncation, masks, padding).
+
+        Pairs, pre-tokenised words, ids, overflow windows and sanitised chat templates take
+        ``PreTrainedTokenizer``'s generic path, which encodes strings with :meth:`tokenize`.
         """
-        if text_pair is None and not args and isinstance(text, str) and _is_plain_request(kwargs):
-            # The common single-string call, without the generic argument plumbing.
-            if kwargs:
-                ids = self.encode_text(text, **self._encode_options(kwargs))
-            else:
-                ids = self.encode_text(text, None, (), self.split_special_tokens)
-            if len(ids) > self.model_max_length:
-                self._eventual_warn_about_too_long_sequence(ids, None, kwargs.get("verbose", True))
-            data: dict[str, Any] = {"input_ids": ids}
-            return_attention_mask = kwargs.get("return_attention_mask")
-            if return_attention_mask or (return_attention_mask is None and "attention_mask" in self.model_input_names):
-                data["attention_mask"] = [1] * len(ids)
-            return_token_type_ids = kwargs.get("return_token_type_ids")
-            if return_token_type_ids or (return_token_type_ids is None and "token_type_ids" in self.model_input_names):
-                data["token_type_ids"] = [0] * len(ids)
-            # BatchEncoding(data) copies the dict key by key in Python; handing it the dict
-            # as its UserDict storage is the same thing, a third of the cost of the call.
-            out = BatchEncoding()
-            out.data = data
-            return_tensors = kwargs.get("return_tensors")
-            if return_tensors is not None:
-                out.convert_to_tensors(tensor_type=return_tensors, prepend_batch_axis=True)
-            return out
-        return super().__call__(text, text_pair, *args, **kwargs)
-
-    def _encode_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "allowed_special": kwargs.get("allowed_special"),
-            "disallowed_special": kwargs.get("disallowed_special", ()),
-            "split_special_tokens": kwargs.get("split_special_tokens", self.split_special_tokens),
-        }
-
-    def _switch_to_input_mode(self) -> None:
-        # Defined so that __call__'s hasattr() probe does not go through the slow __getattr__.
-        pass
-
-    def _encode_plus(
-        self,
-        text: Any,
-        text_pair: Any = None,
-        add_special_tokens: bool = True,
-        padding_strategy: PaddingStrategy = PaddingStrategy.DO_NOT_PAD,
-        truncation_strategy: TruncationStrategy = TruncationStrategy.DO_NOT_TRUNCATE,
-        max_length: int | None = None,
-        stride: int = 0,
-        is_split_into_words: bool = False,
-        pad_to_multiple_of: int | None = None,
-        padding_side: str | None = None,
-        return_tensors: Any = None,
-        return_token_type_ids: bool | None = None,
-        return_attention_mask: bool | None = None,
-        return_overflowing_tokens: bool = False,
-        return_special_tokens_mask: bool = False,
-        return_length: bool = False,
-        verbose: bool = True,
-        **kwargs: Any,
-    ) -> BatchEncoding:
-        common = {
-            "add_special_tokens": add_special_tokens,
-            "max_length": max_length,
-            "stride": stride,
-            "pad_to_multiple_of": pad_to_multiple_of,
-            "padding_side": padding_side,
-            "return_tensors": return_tensors,
-            "return_token_type_ids": return_token_type_ids,
-            "return_attention_mask": return_attention_mask,
-            "return_overflowing_tokens": return_overflowing_tokens,
-            "return_special_tokens_mask": return_special_tokens_mask,
-            "return_length": return_length,
-            "verbose": verbose,
-        }
+        if kwargs.get("return_offsets_mapping"):
+            raise NotImplementedError("QWenTokenizer cannot return offsets; use the fast tokenizer from to_fast().")
+        options = self._special_options(kwargs)
         single = isinstance(text, str)
-        if not single and not (
-            isinstance(text, (list, tuple))
-            and text
-            and not is_split_into_words
-            and text_pair is None
-            and all(isinstance(item, str) for item in text)
-        ):
-            # Pre-tokenised input, ids and batches of pairs: the generic implementation,
-            # which comes back here for each string.
-            return super()._encode_plus(
-                text,
-                text_pair=text_pair,
-                padding_strategy=padding_strategy,
-                truncation_strategy=truncation_strategy,
-                is_split_into_words=is_split_into_words,
-                **common,
-                **kwargs,
-            )
-        kwargs.setdefault("split_special_tokens", self.split_special_tokens)
-        options = self._pop_encode_options(kwargs)
-        if kwargs.pop("sanitize_control_tokens", False):
-            # apply_chat_template(..., sanitize_control_tokens=True): special-token text that
-            # came from the messages is plain text, the template's own is special.
-            def encode(chat: str) -> list[int]:
-                return _encode_marked_chat(self, chat)
-        else:
-
-            def encode(chat: str) -> list[int]:
-                return self.encode_text(chat, **options)
-
-        if text_pair is not None or return_overflowing_tokens:
-            # Pairs and overflow windows: ids here, the rest in prepare_for_model.
-            if not (single and (text_pair is None or isinstance(text_pair, str))):
-                raise ValueError("text_pair must be a string when text is a string")
-            return self.prepare_for_model(
-                encode(text),
-                pair_ids=encode(text_pair) if text_pair is not None else None,
-                padding=padding_strategy.value,
-                truncation=truncation_strategy.value,
-                prepend_batch_axis=True,
-                **common,
-            )
-
-        # Lean path for a string or a batch of strings. Qwen adds no special tokens, so
-        # this only has to truncate, build the masks and pad.
-        batch = [encode(text)] if single else [encode(item) for item in text]
-        if max_length is not None and truncation_strategy in (
-            TruncationStrategy.LONGEST_FIRST,
-            TruncationStrategy.ONLY_FIRST,
-        ):
-            if self.truncation_side == "left":
-                batch = [ids[-max_length:] if len(ids) > max_length else ids for ids in batch]
-            else:
-                batch = [ids[:max_length] for ids in batch]
+        strings = single or (isinstance(text, (list, tuple)) and text and all(isinstance(item, str) for item in text))
+        generic = ("is_split_into_words", "return_overflowing_tokens", "sanitize_control_tokens")
+        if not strings or text_pair is not None or any(kwargs.get(key) for key in generic):
+            return super()._encode_plus(text, text_pair, **kwargs)
+        batch = [self.encode_text(item, *options) for item in ([text] if single else text)]
+        max_length, truncation = kwargs.get("max_length"), kwargs.get("truncation_strategy")
+        if truncation not in (None, TruncationStrategy.DO_NOT_TRUNCATE) and max_length:
+            batch = [self.truncate_sequences(ids, None, len(ids) - max_length, truncation)[0] for ids in batch]
         for ids in batch:
-            self._eventual_warn_about_too_long_sequence(ids, max_length, verbose)
+            self._eventual_warn_about_too_long_sequence(ids, max_length, kwargs.get("verbose", True))
 
-        data: dict[str, list] = {"input_ids": batch}
-        if return_token_type_ids or (return_token_type_ids is None and "token_type_ids" in self.model_input_names):
+        def wanted(name: str) -> bool:
+            requested = kwargs.get(f"return_{name}")
+            return requested if requested is not None else name in self.model_input_names
+
+        data: dict[str, Any] = {"input_ids": batch}
+        if wanted("token_type_ids"):
             data["token_type_ids"] = [[0] * len(ids) for ids in batch]
-        if return_special_tokens_mask:
-            # Marks tokens the tokenizer adds (none), not special tokens found in the text.
+        if kwargs.get("return_special_tokens_mask"):  # marks the tokens the tokenizer adds: none
             data["special_tokens_mask"] = [[0] * len(ids) for ids in batch]
-        if return_length and not single:
+        if kwargs.get("return_length"):  # of a batch: before padding, like transformers
             data["length"] = [len(ids) for ids in batch]
         if single:
             data = {key: value[0] for key, value in data.items()}
-        if padding_strategy != PaddingStrategy.DO_NOT_PAD:
-            data = self.pad(
-                data,
-                padding=padding_strategy.value,
-                max_length=max_length,
-                pad_to_multiple_of=pad_to_multiple_of,
-                padding_side=padding_side,
-                return_attention_mask=return_attention_mask,
-            )
-        elif return_attention_mask or (return_attention_mask is None and "attention_mask" in self.model_input_names):
-            data["attention_mask"] = [1] * len(data["input_ids"]) if single else [[1] * len(ids) for ids in batch]
-        if return_length and single:
+        padding = kwargs.get("padding_strategy", PaddingStrategy.DO_NOT_PAD)
+        if padding != PaddingStrategy.DO_NOT_PAD:
+            pad_options = {
+                key: kwargs.get(key) for key in ("pad_to_multiple_of", "padding_side", "return_attention_mask")
+            }
+            data = self.pad(data, padding=padding, max_length=max_length, **pad_options)
+        elif wanted("attention_mask"):
+            data["attention_mask"] = [1] * len(batch[0]) if single else [[1] * len(ids) for ids in batch]
+        if kwargs.get("return_length") and single:
             data["length"] = len(data["input_ids"])
-        return BatchEncoding(data, tensor_type=return_tensors, prepend_batch_axis=single)
-
-    # --------------------------------------------------------------- decode
+        return BatchEncoding(data, tensor_type=kwargs.get("return_tensors"), prepend_batch_axis=single)
 
     def _decode(
         self,
@@ -699,49 +444,27 @@ class QWenTokenizer(PreTrainedTokenizer):
     ) -> str:
         """Decode ids; bytes that are not valid UTF-8 are handled per ``errors``.
 
-        ``skip_special_tokens`` drops the special tokens (ids 151643-151850) and ids
-        outside the vocabulary (e.g. the padding rows of the model's embedding).
-        Without it, an id outside the vocabulary is treated like an invalid byte: it
-        becomes U+FFFD with ``errors="replace"``, is dropped with ``"ignore"`` and
-        raises with ``"strict"``.
+        ``skip_special_tokens`` drops the special tokens and ids outside the vocabulary (e.g. the
+        padding rows of the model's embedding). Without it, an id outside the vocabulary is treated
+        like an invalid byte: U+FFFD with ``errors="replace"``, dropped with "ignore", raises with "strict".
         """
         errors = errors or self.errors
-        if isinstance(token_ids, int):
-            token_ids = [token_ids]
+        token_ids = [token_ids] if isinstance(token_ids, int) else token_ids
         if skip_special_tokens:
-            decoder = self._decoder
-            token_ids = [index for index in token_ids if index in decoder]
+            token_ids = [index for index in token_ids if index in self._decoder]
         try:
             text = self._encoding.decode_bytes(token_ids).decode("utf-8", errors=errors)
-        except (KeyError, OverflowError, TypeError):
-            text = self._decode_with_unknown_ids(token_ids, errors)
+        except (KeyError, OverflowError, TypeError):  # ids outside the vocabulary
+            tokens: list[bytes | str] = []
+            for index in map(int, token_ids):
+                if errors == "strict" or index in self._decoder or index in _SPECIAL_BY_ID:
+                    tokens.append(self._convert_id_to_token(index))  # raises for an unknown id
+                else:
+                    tokens.append("\ufffd" if errors == "replace" else "")
+            text = self.convert_tokens_to_string(tokens, errors)
         if clean_up_tokenization_spaces or (clean_up_tokenization_spaces is None and self.clean_up_tokenization_spaces):
             text = self.clean_up_tokenization(text)
         return text
-
-    def _decode_with_unknown_ids(self, token_ids: Iterable[int], errors: str) -> str:
-        parts: list[str] = []
-        pending: list[bytes] = []
-        for index in token_ids:
-            index = int(index)
-            token = self._decoder.get(index)
-            if token is None:
-                token = self._special_decoder.get(index)
-                if token is not None:
-                    token = token.encode("utf-8")
-            if token is not None:
-                pending.append(token)
-                continue
-            if errors == "strict":
-                raise ValueError(f"Token id {index} is not in the Qwen vocabulary (size {len(self)})")
-            parts.append(b"".join(pending).decode("utf-8", errors=errors))
-            pending = []
-            if errors == "replace":
-                parts.append("\ufffd")
-        parts.append(b"".join(pending).decode("utf-8", errors=errors))
-        return "".join(parts)
-
-    # ----------------------------------------------------------------- save
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
         """Write ``qwen.tiktoken`` (including any extra vocabulary) into ``save_directory``."""
@@ -756,124 +479,85 @@ class QWenTokenizer(PreTrainedTokenizer):
     # ----------------------------------------------------------------- fast
 
     def to_fast(self, **kwargs: Any):
-        """An equivalent ``tokenizers``-backed tokenizer (a ``transformers.Qwen2Tokenizer``).
+        """An equivalent ``tokenizers``-backed tokenizer: the same ids for every input.
 
-        The pipeline is: NFC normaliser -> the Qwen split pattern -> byte-level BPE, whose
-        vocabulary and merges come from transformers' ``TikTokenConverter`` (including
-        any extra vocabulary); the 208 special tokens are special added tokens at their
-        fixed ids, matched on the normalised text like here. It gives the same ids as
-        this tokenizer for every input. ``save_pretrained`` writes a ``tokenizer.json``
-        that plain ``AutoTokenizer.from_pretrained`` loads without this package.
-
-        The class is ``Qwen2Tokenizer`` because Qwen2 uses this very pre-tokenisation and
-        normalisation, so tools that know Qwen2 (transformers 4.x and 5.x, serving
-        engines) load it natively. Named special tokens and settings are copied from this
-        tokenizer; ``eos_token`` and ``pad_token`` default to ``<|endoftext|>`` (the Qwen2
-        base-model convention) when unset here, ``unk_token`` and ``bos_token`` to None.
-        ``kwargs`` override any of them (e.g. ``eos_token="<|im_end|>"`` for a chat
-        model, ``chat_template=...``).
+        Its ``save_pretrained`` writes a ``tokenizer.json`` that plain ``AutoTokenizer``
+        loads without this package. The class is ``transformers.Qwen2Tokenizer``, as Qwen2
+        uses this very pre-tokenisation and normalisation. Named special tokens and
+        settings are copied from this tokenizer; ``eos_token`` and ``pad_token`` default to
+        ``<|endoftext|>`` (the Qwen2 base-model convention), ``unk_token`` and ``bos_token``
+        to None. ``kwargs`` override them (e.g. ``eos_token="<|im_end|>"``, ``chat_template``).
         """
-        from tokenizers import AddedToken as FastAddedToken
         from transformers import Qwen2Tokenizer
 
-        settings: dict[str, Any] = {
-            "bos_token": None,
-            "unk_token": None,
-            "eos_token": ENDOFTEXT,
-            "pad_token": ENDOFTEXT,
-            **self.special_tokens_map,
-            "model_max_length": self.model_max_length,
-            "padding_side": self.padding_side,
-            "truncation_side": self.truncation_side,
-            "clean_up_tokenization_spaces": False,
-            "split_special_tokens": self.split_special_tokens,
-        }
-        if self.chat_template is not None:
-            settings["chat_template"] = self.chat_template
-        settings.update(kwargs)
-        fast = Qwen2Tokenizer(tokenizer_object=self._backend_tokenizer(), **settings)
+        settings = {"bos_token": None, "unk_token": None, "eos_token": ENDOFTEXT, "pad_token": ENDOFTEXT}
+        settings.update(self.special_tokens_map, clean_up_tokenization_spaces=False)
+        for key in ("model_max_length", "padding_side", "truncation_side", "split_special_tokens", "chat_template"):
+            if getattr(self, key) is not None:
+                settings[key] = getattr(self, key)
+        fast = Qwen2Tokenizer(tokenizer_object=self._backend_tokenizer(), **{**settings, **kwargs})
         # Qwen2Tokenizer re-registers its named special tokens as matched before
         # normalisation; put them back to "after NFC", as everywhere else here.
-        fast.backend_tokenizer.add_special_tokens([_fast_special_token(FastAddedToken, t) for t in SPECIAL_TOKENS])
+        fast.backend_tokenizer.add_special_tokens(_fast_special_tokens())
         return fast
 
     def _backend_tokenizer(self):
-        """The ``tokenizers.Tokenizer`` behind :meth:`to_fast`."""
-        from tokenizers import AddedToken as FastAddedToken
-        from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-        from tokenizers.models import BPE
+        """The ``tokenizers.Tokenizer`` behind :meth:`to_fast`: an NFC normaliser, then transformers'
+        ``TikTokenConverter`` pipeline (Qwen split pattern, byte-level BPE of the ranks, extra vocabulary
+        included), and the special tokens as special added tokens at their ids, matched on the normalised text.
+        """
+        from tokenizers import normalizers
         from transformers.convert_slow_tokenizer import TikTokenConverter
 
         ranks = self.mergeable_ranks
 
-        class _InMemoryConverter(TikTokenConverter):
+        class Converter(TikTokenConverter):
             def load_tiktoken_bpe(self, tiktoken_url: Any) -> dict[bytes, int]:  # type: ignore[override]
                 return ranks
 
-        vocab, merges = _InMemoryConverter(pattern=PAT_STR).extract_vocab_merges_from_model(None)
-        # Special tokens in the model vocabulary pin them to their fixed ids even when an
-        # extra vocabulary puts BPE tokens after them. No pre-tokenised piece can equal
-        # one (a piece never mixes punctuation and letters), so BPE never emits them.
-        vocab.update(SPECIAL_TOKENS)
-        backend = Tokenizer(BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
-        backend.model.ignore_merges = True  # a piece that is a token stays whole, as in tiktoken
+            def extract_vocab_merges_from_model(self, tiktoken_url: Any) -> tuple[dict[str, int], list]:
+                vocab, merges = super().extract_vocab_merges_from_model(tiktoken_url)
+                # Special tokens in the model vocabulary pin them to their fixed ids even when
+                # an extra vocabulary puts BPE tokens after them. No pre-tokenised piece can
+                # equal one (a piece never mixes punctuation and letters): BPE never emits them.
+                return {**vocab, **SPECIAL_TOKENS}, merges
+
+        backend = Converter(pattern=PAT_STR).converted()
         backend.normalizer = normalizers.NFC()
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(PAT_STR), behavior="isolated", invert=False),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-        backend.decoder = decoders.ByteLevel()
-        backend.post_processor = processors.ByteLevel(trim_offsets=False)
-        backend.add_special_tokens([_fast_special_token(FastAddedToken, token) for token in SPECIAL_TOKENS])
-        for token, index in SPECIAL_TOKENS.items():
-            if backend.token_to_id(token) != index:
-                raise RuntimeError(f"fast tokenizer put {token} at {backend.token_to_id(token)}, expected {index}")
+        backend.add_special_tokens(_fast_special_tokens())
+        if any(backend.token_to_id(token) != index for token, index in SPECIAL_TOKENS.items()):
+            raise RuntimeError("the fast tokenizer did not keep the special tokens at their ids")
         return backend
 
 
-def _fast_special_token(added_token_class: Any, content: str) -> Any:
+# Keyword arguments that need none of transformers' padding, truncation or tensor plumbing.
+_PLAIN_OPTIONS = frozenset({"allowed_special", "disallowed_special", "split_special_tokens", "add_special_tokens"})
+
+
+def _is_plain(text: Any, text_pair: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
+    return isinstance(text, str) and text_pair is None and not args and (not kwargs or kwargs.keys() <= _PLAIN_OPTIONS)
+
+
+def _fast_special_tokens() -> list[Any]:
+    from tokenizers import AddedToken as FastAddedToken
+
     # normalized=True: matched on the NFC-normalised text, as QWenTokenizer.encode_text does.
-    return added_token_class(content, special=True, normalized=True, lstrip=False, rstrip=False, single_word=False)
+    return [FastAddedToken(token, special=True, normalized=True) for token in SPECIAL_TOKENS]
 
 
-def _encode_marked_chat(tokenizer: QWenTokenizer, chat: str) -> list[int]:
-    try:
-        from transformers.utils.chat_template_utils import encode_marked_chat
-    except ImportError as error:  # transformers without sanitize_control_tokens
-        raise NotImplementedError("sanitize_control_tokens needs a newer transformers") from error
-    return encode_marked_chat(tokenizer, chat)
-
-
-# Keyword arguments of __call__ / encode that the single-string fast path can honour.
-_PLAIN_REQUEST_KEYS = frozenset(
-    {
-        "allowed_special",
-        "disallowed_special",
-        "split_special_tokens",
-        "add_special_tokens",  # Qwen adds no special tokens either way
-        "verbose",
-        "padding",
-        "truncation",
-        "max_length",
-        "return_tensors",
-        "return_attention_mask",
-        "return_token_type_ids",
-    }
-)
-
-
-def _is_plain_request(kwargs: dict[str, Any]) -> bool:
-    """True when the call needs no padding, truncation or extra outputs."""
-    if not kwargs:
-        return True
-    return (
-        kwargs.keys() <= _PLAIN_REQUEST_KEYS
-        and kwargs.get("padding") in (None, False, PaddingStrategy.DO_NOT_PAD)
-        and kwargs.get("truncation") in (None, False, TruncationStrategy.DO_NOT_TRUNCATE)
-        and kwargs.get("max_length") is None
-    )
+def _special_names(names: str | Collection[str] | None, argument: str) -> frozenset[str]:
+    if names == "all":
+        return _SPECIAL_SET
+    if not names:
+        return frozenset()
+    if isinstance(names, str):
+        raise TypeError(f'{argument} must be "all" or a collection of special tokens, got the string {names!r}')
+    names = frozenset(_token_content(name) for name in names)
+    if not names <= _SPECIAL_SET:
+        raise ValueError(
+            f"{argument} names tokens that are not Qwen special tokens: {sorted(names - _SPECIAL_SET)[:5]}"
+        )
+    return names
 
 
 def _nfc(text: str) -> str:
@@ -897,29 +581,17 @@ def _nfc(text: str) -> str:
     return "\n".join(normalized)
 
 
-def _check_errors(errors: str) -> str:
-    try:
-        codecs.lookup_error(errors)
-    except (LookupError, TypeError) as error:
-        raise ValueError(f"errors must be {_DECODE_ERRORS_DOC}, got {errors!r}") from error
-    return errors
-
-
 def _missing_vocab_message(where: str | None) -> str:
     origin = (
-        "The file ships with every official Qwen(-1) checkpoint (e.g. Qwen/Qwen-7B-Chat) next to its "
-        "config.json, and the identical file is part of the PyPI package `dashscope` "
-        f"(dashscope/resources/qwen.tiktoken, sha256 {QWEN_TIKTOKEN_SHA256[:16]}...)."
+        "The file ships with every official Qwen(-1) checkpoint (e.g. Qwen/Qwen-7B-Chat) next to its config.json, "
+        "and the identical file is part of the PyPI package `dashscope` (dashscope/resources/qwen.tiktoken, sha256 "
+        f"{QWEN_TIKTOKEN_SHA256[:16]}...)."
     )
     if where is None:
-        return (
-            "No vocabulary given and the `dashscope` package is not installed. " + origin + " Either pass "
-            "vocab_file='/path/to/qwen.tiktoken' or `pip install dashscope`."
-        )
+        return f"No vocabulary given and no `dashscope` installed. {origin} Pass vocab_file or `pip install dashscope`."
     if os.path.isdir(where) or not os.path.splitext(where)[1]:
         return (
-            f"{where!r} has no {VOCAB_FILES_NAMES['vocab_file']!r}. " + origin + " Copy it from the checkpoint "
-            'you started from, or from an installed dashscope (python -c "from qwen.tokenization_qwen import '
-            'default_vocab_file; print(default_vocab_file())").'
+            f"{where!r} has no 'qwen.tiktoken'. {origin} Copy it from the checkpoint you started from, or from an "
+            'installed dashscope (python -c "from qwen.tokenization_qwen import default_vocab_file as f; print(f())").'
         )
-    return f"Vocabulary file {where!r} does not exist. " + origin
+    return f"Vocabulary file {where!r} does not exist. {origin}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import copy
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -27,9 +28,31 @@ import pytest
 import regex
 import torch
 
-from qwen.tokenization_qwen import MissingVocabularyError, QWenTokenizer, default_vocab_file
+from qwen.tokenization_qwen import (
+    MissingVocabularyError,
+    QWenTokenizer,
+    default_vocab_file,
+    dump_tiktoken_ranks,
+    load_tiktoken_ranks,
+)
 
-VOCAB = default_vocab_file()
+
+def dashscope_vocab() -> str | None:
+    """``qwen.tiktoken`` as the installed ``dashscope`` distribution lists it (its RECORD),
+    found without the code under test: a broken ``default_vocab_file`` must fail the tests
+    below, not turn them into skips."""
+    try:
+        files = importlib.metadata.distribution("dashscope").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.as_posix() == "dashscope/resources/qwen.tiktoken" and Path(file.locate()).is_file():
+            return str(file.locate())
+    return None
+
+
+VOCAB = dashscope_vocab()
+# The test extra installs dashscope: in CI this skip fails the run (tests/conftest.py).
 pytestmark = pytest.mark.skipif(VOCAB is None, reason="needs qwen.tiktoken from the dashscope package")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -549,6 +572,29 @@ def test_return_tensors_and_outputs(tok):
     assert tok("a", text_target="b")["labels"] == tok.encode("b")
 
 
+def test_shortcut_and_generic_paths_agree(tok):
+    """Plain encode()/__call__ calls skip transformers' argument plumbing; any other keyword
+    takes the generic path (verbose=True: the lean _encode_plus; return_overflowing_tokens=True
+    with nothing to truncate: transformers' own tokenize() + prepare_for_model). All agree."""
+    options = [
+        {},
+        {"allowed_special": set()},
+        {"split_special_tokens": True},
+        {"disallowed_special": {"<|extra_9|>"}},
+        {"add_special_tokens": False},
+    ]
+    for text in ["", *CORPUS[:30:3], *FUZZ[:20]]:
+        for opts in options:
+            ids = tok.encode(text, **opts)
+            assert tok.encode(text, verbose=True, **opts) == ids
+            assert tok.encode(text, return_overflowing_tokens=True, **opts) == ids
+            expected = {"input_ids": ids, "attention_mask": [1] * len(ids)}
+            assert dict(tok(text, **opts)) == expected
+            assert dict(tok(text, verbose=True, **opts)) == expected
+            assert dict(tok(text, return_overflowing_tokens=True, **opts)) == expected
+            assert dict(tok([text, text], **opts)) == {key: [value] * 2 for key, value in expected.items()}
+
+
 # ---------------------------------------------------------------- persistence
 
 
@@ -635,7 +681,33 @@ def test_missing_vocabulary(tmp_path, monkeypatch):
 
 def test_default_vocabulary_comes_from_dashscope():
     assert Path(VOCAB).parts[-3:] == ("dashscope", "resources", "qwen.tiktoken")
-    assert QWenTokenizer().vocab_file == VOCAB
+    assert default_vocab_file() is not None and os.path.samefile(default_vocab_file(), VOCAB)
+    assert os.path.samefile(QWenTokenizer().vocab_file, VOCAB)
+
+
+def test_malformed_vocabulary_files(tmp_path):
+    good = {b"a": 0, b"b": 1, b"\xe6\xa0": 2}
+    dump_tiktoken_ranks(good, tmp_path / "good.tiktoken")
+    assert load_tiktoken_ranks(tmp_path / "good.tiktoken") == good
+    head = (tmp_path / "good.tiktoken").read_bytes() + b"\n"  # blank lines are skipped
+    broken = {
+        "not base64": b"!!! 3\n",
+        "no rank": base64.b64encode(b"c") + b"\n",
+        "not a number": base64.b64encode(b"c") + b" three\n",
+        "repeated token": base64.b64encode(b"a") + b" 3\n",
+        "negative rank": base64.b64encode(b"c") + b" -3\n",
+    }
+    for name, line in broken.items():
+        path = tmp_path / f"{name}.tiktoken"
+        path.write_bytes(head + line)
+        with pytest.raises(ValueError, match="line 5: expected"):
+            load_tiktoken_ranks(path)
+    # Readable, but not a vocabulary QWenTokenizer can use.
+    for name, line in {"same rank": b" 1\n", "a special id": b" 151643\n"}.items():
+        path = tmp_path / f"{name}.tiktoken"
+        path.write_bytes(head + base64.b64encode(b"c") + line)
+        with pytest.raises(ValueError, match="same rank, or a token the id of a Qwen special token"):
+            QWenTokenizer(path)
 
 
 # ----------------------------------------------------------- extra vocabulary
