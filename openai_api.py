@@ -18,6 +18,17 @@ import sys
 SERVER_PACKAGES = ("fastapi", "uvicorn", "sse_starlette", "starlette")
 
 
+def _size(text: str) -> int:
+    """A byte count such as 1048576, 512K, 4M or 1G."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B")
+    scale = units.get(text[-1:], 1)
+    try:
+        return int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (examples: 1048576, 512K, 4M)") from None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--checkpoint-path", required=True, help="checkpoint directory or hub id")
@@ -48,6 +59,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="on CPUs with native bf16 (AVX512-BF16/AMX), skip the oneDNN-packed second copy of the weights "
         "that makes batched decoding steps about 40%% faster: half the memory, slower batches",
     )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=_size,
+        help="largest request body accepted, in bytes (suffixes K, M, G); larger ones get a 413 before they are "
+        "read (default: 64 bytes per token of context, at least 1M)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--served-model-name", help="model id in replies (default: the checkpoint's directory name)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -67,6 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         ("--max-model-len", args.max_model_len, 1),
         ("--max-prefill-tokens", args.max_prefill_tokens, 1),
         ("--threads", args.threads, 0),
+        ("--max-body-bytes", args.max_body_bytes, 1),
     ):
         if value is not None and value < least:
             parser.error(f"{flag} must be at least {least}, got {value}")
@@ -119,6 +137,7 @@ def main(argv=None) -> int:
         api_key=args.api_key,
         api_auth=args.api_auth,
         enable_test_hooks=args.enable_test_hooks,
+        max_body_bytes=args.max_body_bytes,
     )
     uvicorn.run(app, host=args.server_name, port=args.server_port, log_level=args.log_level, access_log=False)
     return 0

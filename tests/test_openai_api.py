@@ -299,7 +299,7 @@ def test_completions(client, model, tok):
 def test_completions_defaults_and_chat_only_fields(server):
     """``max_tokens`` left out or null is OpenAI's 16; the chat-only length fields are
     unknown extras on /v1/completions (ignored, never read unvalidated);
-    ``logprobs: 0`` asks for logprobs and is refused like any other value."""
+    ``logprobs: 0`` asks for the chosen tokens' logprobs (and no alternatives)."""
     url = f"{server.url}/v1/completions"
     base = {"prompt": "hello", "temperature": 0, "ignore_eos": True}
     for extra in ({}, {"max_tokens": None}, {"max_completion_tokens": "abc"}, {"max_tokens": None, "max_length": "x"}):
@@ -308,8 +308,8 @@ def test_completions_defaults_and_chat_only_fields(server):
         assert response.json()["usage"]["completion_tokens"] == 16, extra
     response = httpx.post(url, json={**base, "max_completion_tokens": 3}, timeout=60)
     assert response.json()["usage"]["completion_tokens"] == 16
-    error = _error(httpx.post(url, json={**base, "logprobs": 0}, timeout=60), 400)
-    assert error["param"] == "logprobs"
+    scores = httpx.post(url, json={**base, "logprobs": 0}, timeout=60).json()["choices"][0]["logprobs"]
+    assert len(scores["token_logprobs"]) == 16 and all(len(top) == 1 for top in scores["top_logprobs"])
     assert httpx.post(url, json={**base, "suffix": "", "max_tokens": 2}, timeout=60).status_code == 200
 
 
@@ -658,7 +658,7 @@ def _error(response: httpx.Response, status: int) -> dict:
         ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens", "max_tokens"),
         ({"messages": []}, "messages", "at least one"),
         ({"messages": [{"role": "bot", "content": "x"}]}, "messages.0.role", "unknown role 'bot'"),
-        ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs", "not supported"),
+        ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs", "needs logprobs"),
         ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice", "no tools"),
         (
             {

@@ -12,6 +12,7 @@ from qwen.serving.engine import (
     EngineStoppedError,
     QueueFullError,
     SamplingParams,
+    TokenLogprob,
     Update,
 )
 from qwen.serving.function_call import ChatPrompt, ParsedReply, PromptError, build_chat_prompt, parse_react
@@ -26,6 +27,7 @@ __all__ = [
     "PromptError",
     "QueueFullError",
     "SamplingParams",
+    "TokenLogprob",
     "Update",
     "build_chat_prompt",
     "parse_react",

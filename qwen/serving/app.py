@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import codecs
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -28,18 +30,21 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen.qwen_generation_utils import call_off_main_thread, make_context
+from qwen.serving.constraints import Constraints, ConstraintsUnavailable
 from qwen.serving.engine import (
     ContextLengthError,
     Engine,
     EngineStoppedError,
     QueueFullError,
     SamplingParams,
+    TokenLogprob,
     Update,
 )
 from qwen.serving.function_call import (
     REACT_STOP,
     PromptError,
     ReactStream,
+    arguments_schema,
     build_chat_prompt,
     continues_final_answer,
     function_names,
@@ -70,11 +75,17 @@ from qwen.serving.protocol import (
 logger = logging.getLogger("qwen.serving")
 
 MAX_STOP_STRINGS = 16
+MAX_LOGIT_BIAS = 1024  # most tokens one request may bias
+# A token of the Qwen vocabulary is at most 128 bytes; an oversized text is found out by
+# tokenizing a prefix of it (see count_tokens_capped), with this many tokens of slack
+# for the cut (a prefix can take a few more tokens than the same span of the whole).
+PREFIX_SLACK = 16
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 _LOG_KEY = "qwen.request_log"
 _ERROR_RESPONSES = {
     400: {"model": ErrorResponse, "description": "Invalid request"},
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
+    413: {"model": ErrorResponse, "description": "Request body over the server's limit"},
     429: {"model": ErrorResponse, "description": "Queue full; see Retry-After"},
 }
 
@@ -104,6 +115,31 @@ class APIError(Exception):
 
 def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def default_max_body_bytes(max_model_len: int) -> int:
+    """The default request-body limit: 64 bytes per token of context, at least 1 MiB.
+
+    A prompt that fills the context takes about 4 bytes a token as English text, up to
+    about 9 as JSON-escaped Chinese (``\\u4e2d``) and 7 as token ids; 64 leaves room
+    for long conversations, tool definitions and several prompts in one completions
+    request, while a body that could never fit is refused before it is read."""
+    return max(1 << 20, 64 * int(max_model_len))
+
+
+def count_tokens_capped(encode, text: str, cap: int) -> int:
+    """``len(encode(text))``, except that a text with clearly more than ``cap`` tokens is
+    found out from a prefix: prefixes of doubling length are tokenized, and the first
+    one with more than ``cap + PREFIX_SLACK`` tokens ends the count (its count is
+    returned). The work is bounded by the cap, not by the length of the text."""
+    size = max(4096, 4 * cap)
+    while True:
+        if len(text) <= size:
+            return len(encode(text))
+        count = len(encode(text[:size]))
+        if count > cap + PREFIX_SLACK:
+            return count
+        size *= 2
 
 
 # --------------------------------------------------------------------------- loading
@@ -202,6 +238,7 @@ def create_app(
     api_key: str | None = None,
     api_auth: str | None = None,
     enable_test_hooks: bool = False,
+    max_body_bytes: int | None = None,
 ) -> FastAPI:
     """The FastAPI application serving ``engine`` (started and stopped with the app).
 
@@ -214,6 +251,9 @@ def create_app(
         enable_test_hooks: Accept the request field ``forced_output`` (a string the
             model is made to generate), for end-to-end tests of function calling with
             random test checkpoints.
+        max_body_bytes: Largest request body accepted (413 beyond; the body is never
+            held beyond it). Default: :func:`default_max_body_bytes` of the engine's
+            ``max_model_len``.
     """
 
     @contextlib.asynccontextmanager
@@ -292,6 +332,11 @@ def create_app(
         """Plain text completion of a prompt (string, list of strings, or token ids)."""
         return await server.complete(body, request)
 
+    if max_body_bytes is None:
+        max_body_bytes = default_max_body_bytes(engine.max_model_len)
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
+    app.add_middleware(_BodyLimit, limit=int(max_body_bytes))
     if api_key or api_auth:  # every /v1/* request, before its body is read: a 401 comes first
         app.add_middleware(_AuthGate, check=_auth_check(api_key, api_auth))
     app.add_middleware(_RequestLog)
@@ -409,6 +454,55 @@ class _AuthGate:
         await self.app(scope, receive, send)
 
 
+class _BodyLimit:
+    """Refuses request bodies over ``limit`` bytes with a 413 before the application sees
+    them: at once from ``Content-Length``, else while the body arrives (it is read here,
+    never more than ``limit`` bytes of it held, then handed on). Pure ASGI."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    def _refuse(self, scope, size: str) -> APIError:
+        error = APIError(
+            413,
+            f"The request body ({size}) is over this server's limit of {self.limit} bytes "
+            "(--max-body-bytes); shorten the prompt or the conversation.",
+            code="request_too_large",
+            headers={"Connection": "close"},
+        )
+        scope.setdefault(_LOG_KEY, {})["error"] = error.message
+        return error
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, f"{int(declared)} bytes").response()(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await self._refuse(scope, f"over {self.limit} bytes").response()(scope, receive, send)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        chunks.clear()
+
+        async def replay():
+            return body.pop() if body else await receive()
+
+        await self.app(scope, replay, send)
+
+
 class _Pending:
     """The engine requests of one HTTP request and a queue of their updates."""
 
@@ -476,6 +570,9 @@ class _Server:
         tok = self.tokenizer
         self.stop_token_ids = list(dict.fromkeys([tok.im_end_id, tok.im_start_id, tok.eod_id]))
         self.vocab_size = int(engine.model.config.vocab_size)
+        self.constraints = Constraints(tok, self.vocab_size, [tok.im_end_id, tok.eod_id])
+        self.token_bytes: dict[int, bytes] = {rank: token for token, rank in tok.mergeable_ranks.items()}
+        self.token_bytes.update((rank, text.encode()) for text, rank in tok.special_tokens.items())
 
     def card(self) -> ModelCard:
         return ModelCard(id=self.name, max_model_len=self.engine.max_model_len)
@@ -493,7 +590,14 @@ class _Server:
         }
 
     def _params(
-        self, body, max_tokens: int, stop: list[str], strip: bool, index: int, forced: list[int] | None
+        self,
+        body,
+        max_tokens: int,
+        stop: list[str],
+        strip: bool,
+        index: int,
+        forced: list[int] | None,
+        **extra: Any,
     ) -> SamplingParams:
         defaults = self._defaults()
         top_k = body.top_k if body.top_k is not None else defaults["top_k"]
@@ -513,7 +617,58 @@ class _Server:
             ignore_eos=body.ignore_eos,
             strip=strip,
             forced_token_ids=forced,
+            logit_bias=self._logit_bias(body),
+            **extra,
         )
+
+    def _logit_bias(self, body) -> dict[int, float] | None:
+        if not body.logit_bias:
+            return None
+        if len(body.logit_bias) > MAX_LOGIT_BIAS:
+            raise _bad(f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens", param="logit_bias")
+        bias = {}
+        for key, value in body.logit_bias.items():
+            token = int(key) if key.strip().isdigit() else None
+            if token is None or not 0 <= token < self.vocab_size:
+                raise _bad(
+                    f"logit_bias keys must be token ids (0..{self.vocab_size - 1}) written as strings, got {key!r}",
+                    param="logit_bias",
+                    code="invalid_value",
+                )
+            if not -100 <= value <= 100:
+                raise _bad(
+                    f"logit_bias values must be between -100 and 100, got {value!r} for token {key}",
+                    param="logit_bias",
+                    code="invalid_value",
+                )
+            bias[token] = float(value)
+        return bias
+
+    def _check_fits(self, texts: Sequence[str], param: str) -> None:
+        """Refuse text that cannot fit the context before all of it is tokenized."""
+        limit = self.engine.max_model_len
+        text = "\n".join(t for t in texts if t)
+        count = count_tokens_capped(self._encode_plain, text, limit)
+        if count > limit:
+            raise _bad(
+                f"This model's maximum context length is {limit} tokens. However, your "
+                f"{'messages' if param == 'messages' else 'prompt'} resulted in at least {count - PREFIX_SLACK} "
+                "tokens. Please reduce the length of the messages or prompt.",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, allowed_special=set(), disallowed_special=())
+
+    def _grammar(self, make, param: str):
+        """Compile a grammar (worker thread); errors become 400s naming ``param``."""
+        try:
+            return make()
+        except ConstraintsUnavailable as error:
+            raise _bad(f"{error} (needed by {param})", param=param, code="unsupported") from None
+        except ValueError as error:
+            raise _bad(str(error), param=param) from None
 
     def _stop(self, body) -> list[str]:
         stop = body.stop
@@ -583,10 +738,49 @@ class _Server:
                 param="messages",
                 code="not_a_chat_model",
             )
-        if body.logprobs:
-            raise _bad("logprobs are not supported by this server", param="logprobs")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise _bad("only response_format type 'text' is supported", param="response_format")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise _bad("top_logprobs needs logprobs: true", param="top_logprobs")
+        # Building and tokenizing a big prompt and compiling a grammar take a while: in a
+        # worker thread, so that the other clients keep being served meanwhile.
+        work = await asyncio.to_thread(self._prepare_chat, body)
+        ids, functions, style = work.ids, work.functions, work.style
+        stop = self._stop(body)
+        if functions and REACT_STOP not in stop:
+            stop.append(REACT_STOP)
+        default_max = getattr(self.generation_config, "max_new_tokens", None)
+        max_tokens = self._max_tokens(body, len(ids), default_max, "messages")
+        forced = self._forced(body)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        info["prompt_tokens"] = len(ids)
+        items = [
+            (
+                ids,
+                self._params(body, max_tokens, stop, True, i, forced, logprobs=top, logits_processors=work.processors),
+            )
+            for i in range(body.n)
+        ]
+        pending = _Pending(self.engine)
+        pending.submit(items, request_id)
+        names = function_names(functions) if functions else None
+        prefill = work.prompt.prefill
+        if style and continues_final_answer(prefill):
+            # continuing an assistant message that is a final answer: plain text, streamed
+            style, names = None, None
+        elif style and not functions:
+            # tool_choice / function_call "none": the model may not call anything. A plain
+            # reply streams as it comes; one continuing a ReAct turn of the history is
+            # still parsed for its final answer, with no name accepted as a call.
+            style, names = (style, {}) if in_react_turn(prefill) else (None, None)
+        reply = _ChatReply(style, names, body.parallel_tool_calls is not False, top is not None)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = self._chat_events(pending, request_id, body.n, reply, len(ids), include_usage, info)
+            return _sse(events, pending)
+        return await self._chat_response(pending, request, request_id, body.n, reply, len(ids), info)
+
+    def _prepare_chat(self, body: ChatCompletionRequest) -> _ChatWork:
+        """The prompt, its ids, the functions and the constraints of a chat request
+        (runs in a worker thread)."""
         try:
             functions, style = select_functions(
                 [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
@@ -597,6 +791,8 @@ class _Server:
             prompt = build_chat_prompt([m.model_dump(exclude_none=True) for m in body.messages], functions)
         except PromptError as error:
             raise _bad(str(error), param=error.param) from None
+        texts = [prompt.system, prompt.query, prompt.prefill, *(text for turn in prompt.history for text in turn)]
+        self._check_fits(texts, "messages")
         _, ids = make_context(
             self.tokenizer,
             prompt.query,
@@ -606,63 +802,94 @@ class _Server:
             chat_format="chatml",
         )
         if prompt.prefill:
-            ids = ids + list(self.tokenizer.encode(prompt.prefill, allowed_special=set(), disallowed_special=()))
-        stop = self._stop(body)
-        if functions and REACT_STOP not in stop:
-            stop.append(REACT_STOP)
-        default_max = getattr(self.generation_config, "max_new_tokens", None)
-        max_tokens = self._max_tokens(body, len(ids), default_max, "messages")
-        forced = self._forced(body)
-        info["prompt_tokens"] = len(ids)
-        pending = _Pending(self.engine)
-        pending.submit(
-            [(ids, self._params(body, max_tokens, stop, True, i, forced)) for i in range(body.n)], request_id
+            ids = ids + self._encode_plain(prompt.prefill)
+        processors = []
+        response_format = self._response_format(body)
+        if response_format is not None:
+            if functions:
+                raise _bad(
+                    "response_format json_object/json_schema cannot be combined with tools "
+                    "(leave the tools out, or set tool_choice 'none')",
+                    param="response_format",
+                )
+            processors.append(response_format)
+        call = self._forced_call(body, functions, prompt.prefill)
+        if call is not None:
+            processors.append(call)
+        return _ChatWork(prompt, ids, functions, style, processors)
+
+    def _response_format(self, body: ChatCompletionRequest):
+        spec = body.response_format
+        kind = spec.get("type", "text") if spec else "text"
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return self._grammar(lambda: self.constraints.json_schema(None), "response_format")
+        if kind == "json_schema":
+            described = spec.get("json_schema")
+            schema = described.get("schema") if isinstance(described, dict) else None
+            if not isinstance(described, dict) or not isinstance(schema, dict | None):
+                raise _bad(
+                    "response_format.json_schema must be an object with a 'schema' (a JSON Schema object)",
+                    param="response_format.json_schema",
+                )
+            return self._grammar(lambda: self.constraints.json_schema(schema or None), "response_format")
+        raise _bad(
+            f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
+            param="response_format.type",
         )
-        names = function_names(functions) if functions else None
-        if style and continues_final_answer(prompt.prefill):
-            # continuing an assistant message that is a final answer: plain text, streamed
-            style, names = None, None
-        elif style and not functions:
-            # tool_choice / function_call "none": the model may not call anything. A plain
-            # reply streams as it comes; one continuing a ReAct turn of the history is
-            # still parsed for its final answer, with no name accepted as a call.
-            style, names = (style, {}) if in_react_turn(prompt.prefill) else (None, None)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = self._chat_events(pending, request_id, body.n, style, names, len(ids), include_usage, info)
-            return _sse(events, pending)
-        return await self._chat_response(pending, request, request_id, body.n, style, names, len(ids), info)
 
-    def _message(self, text: str, reason: str, style: str | None, names) -> tuple[ResponseMessage, str]:
-        if style is None:
+    def _forced_call(self, body: ChatCompletionRequest, functions: list[dict], prefill: str):
+        """With tool_choice "required" or a named function: a grammar making the model
+        write a ReAct call of one of ``functions`` (already narrowed to the named one)."""
+        choice = body.tool_choice if body.tools else body.function_call
+        if not functions or not (choice == "required" or isinstance(choice, dict)):
+            return None
+        after_thought = prefill.rstrip().endswith("Thought:")
+        if prefill and not after_thought:
+            logger.info("a call cannot be forced while the model continues an assistant message; not forcing it")
+            return None
+        schemas = {d.get("name_for_model") or d["name"]: arguments_schema(d) for d in functions}
+        param = "tool_choice" if body.tools else "function_call"
+        return self._grammar(lambda: self.constraints.react_call(schemas, after_thought), param)
+
+    def _message(self, text: str, reason: str, reply: _ChatReply) -> tuple[ResponseMessage, str]:
+        if reply.style is None:
             return ResponseMessage(content=text), reason
-        reply = parse_react(text, names)
-        if not reply.is_call:
-            return ResponseMessage(content=reply.content), reason
-        call = ResponseFunctionCall(name=reply.name, arguments=reply.arguments)
-        if style == "functions":
-            return ResponseMessage(content=reply.content, function_call=call), "function_call"
-        tool_call = ResponseToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=call)
-        return ResponseMessage(content=reply.content, tool_calls=[tool_call]), "tool_calls"
+        parsed = parse_react(text, reply.names)
+        if not parsed.is_call:
+            return ResponseMessage(content=parsed.content), reason
+        if reply.style == "functions":
+            call = ResponseFunctionCall(name=parsed.name, arguments=parsed.arguments)
+            return ResponseMessage(content=parsed.content, function_call=call), "function_call"
+        calls = parsed.calls if reply.parallel else parsed.calls[:1]
+        tool_calls = [
+            ResponseToolCall(id=_call_id(), function=ResponseFunctionCall(name=name, arguments=arguments))
+            for name, arguments in calls
+        ]
+        return ResponseMessage(content=parsed.content, tool_calls=tool_calls), "tool_calls"
 
-    async def _chat_response(self, pending, request, request_id, n, style, names, prompt_tokens, info):
+    async def _chat_response(self, pending, request, request_id, n, reply: _ChatReply, prompt_tokens, info):
         texts, reasons, tokens = _collect_init(n)
+        logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
         try:
-            await _collect(pending, request, texts, reasons, tokens)
+            await _collect(pending, request, texts, reasons, tokens, logprobs)
         except _ClientGone:
             info["finish"] = "cancelled"
             return JSONResponse({"error": "client disconnected"}, status_code=499)
         choices = []
         for i in range(n):
-            message, reason = self._message("".join(texts[i]), reasons[i], style, names)
-            choices.append(ChatChoice(index=i, message=message, finish_reason=reason))
+            message, reason = self._message("".join(texts[i]), reasons[i], reply)
+            scores = self._chat_logprobs(logprobs[i]) if reply.logprobs else None
+            choices.append(ChatChoice(index=i, message=message, finish_reason=reason, logprobs=scores))
         usage = _usage(prompt_tokens, sum(tokens))
         info.update(completion_tokens=sum(tokens), finish=",".join(c.finish_reason for c in choices))
         return ChatCompletionResponse(id=request_id, model=self.name, choices=choices, usage=usage)
 
-    async def _chat_events(self, pending, request_id, n, style, names, prompt_tokens, include_usage, info):
+    async def _chat_events(self, pending, request_id, n, reply: _ChatReply, prompt_tokens, include_usage, info):
         created = int(time.time())
-        streams = [ReactStream(names) for _ in range(n)] if style else None
+        style = reply.style
+        streams = [ReactStream(reply.names) for _ in range(n)] if style else None
         tokens = [0] * n
         reasons: list[str | None] = [None] * n
         info["finish"] = "cancelled"
@@ -677,17 +904,20 @@ class _Server:
                     yield _json(APIError(500, update.error, type="server_error").body())
                     continue
                 content = streams[i].feed(update.text) if streams else update.text
-                if content:
-                    yield _json(chat_chunk(request_id, created, self.name, i, {"content": content}))
+                scores = self._chat_logprobs(update.logprobs) if reply.logprobs and update.logprobs else None
+                if content or scores:
+                    delta = {"content": content} if content or not update.finished else {}
+                    yield _json(chat_chunk(request_id, created, self.name, i, delta, logprobs=scores))
                 if not update.finished:
                     continue
                 reason = update.finish_reason
                 if streams:
-                    rest, reply = streams[i].finish()
+                    rest, parsed = streams[i].finish()
                     if rest:
                         yield _json(chat_chunk(request_id, created, self.name, i, {"content": rest}))
-                    if reply.is_call:
-                        yield _json(chat_chunk(request_id, created, self.name, i, _call_delta(reply, style)))
+                    if parsed.is_call:
+                        delta = _call_delta(parsed, style, reply.parallel)
+                        yield _json(chat_chunk(request_id, created, self.name, i, delta))
                         reason = "function_call" if style == "functions" else "tool_calls"
                 reasons[i] = reason
                 yield _json(chat_chunk(request_id, created, self.name, i, {}, finish_reason=reason))
@@ -700,6 +930,47 @@ class _Server:
             pending.cancel()
             info["completion_tokens"] = sum(tokens)
 
+    # ------------------------------------------------------------------ logprobs
+
+    def _token_text(self, token: int) -> tuple[str, list[int]]:
+        """A token as OpenAI shows it: its text, or ``bytes:\\xe4...`` where its bytes are
+        not whole UTF-8 characters; and its bytes."""
+        raw = self.token_bytes.get(token, b"")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return text, list(raw)
+
+    def _chat_logprobs(self, entries: Sequence[TokenLogprob]) -> dict:
+        content = []
+        for entry in entries:
+            text, raw = self._token_text(entry.token_id)
+            top = []
+            for token, logprob in entry.top:
+                top_text, top_raw = self._token_text(token)
+                top.append({"token": top_text, "logprob": logprob, "bytes": top_raw})
+            content.append({"token": text, "logprob": entry.logprob, "bytes": raw, "top_logprobs": top})
+        return {"content": content}
+
+    def _completion_logprobs(self, pairs: Sequence[tuple[int, TokenLogprob | None]], offsets: _Offsets) -> dict:
+        """The legacy ``logprobs`` object: ``pairs`` are (token id, its logprob entry or
+        None for a first prompt token); the chosen token is among the top ones."""
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, entry in pairs:
+            text, _ = self._token_text(token)
+            out["tokens"].append(text)
+            out["text_offset"].append(offsets.next(self.token_bytes.get(token, b"")))
+            if entry is None:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            top = {self._token_text(t)[0]: lp for t, lp in entry.top}
+            top.setdefault(text, entry.logprob)
+            out["token_logprobs"].append(entry.logprob)
+            out["top_logprobs"].append(top)
+        return out
+
     # ------------------------------------------------------------------ completions
 
     def _prompts(self, body: CompletionRequest) -> list[tuple[list[int], str]]:
@@ -711,6 +982,7 @@ class _Server:
         out = []
         for k, item in enumerate(prompt):
             if isinstance(item, str):
+                self._check_fits([item], "prompt")
                 ids = list(self.tokenizer.encode(item))
                 text = item
             elif isinstance(item, int):  # a single prompt given as token ids
@@ -738,50 +1010,67 @@ class _Server:
         self._warn_ignored(body, request_id)
         if body.suffix:  # an empty suffix asks for nothing
             raise _bad("suffix is not supported by this server", param="suffix")
-        if body.logprobs is not None:  # logprobs=0 still asks for the chosen tokens' logprobs
-            raise _bad("logprobs are not supported by this server", param="logprobs")
         if body.best_of is not None and body.best_of != body.n:
             raise _bad("best_of is not supported by this server (leave it unset or equal to n)", param="best_of")
-        prompts = self._prompts(body)
+        prompts = await asyncio.to_thread(self._prompts, body)  # tokenizing: off the event loop
         stop = self._stop(body)
         forced = self._forced(body)
+        want = body.logprobs  # logprobs=0: the chosen tokens' logprobs only
+        echo_scores = want if body.echo and want is not None else None
         items = []
         for ids, _ in prompts:
             max_tokens = self._max_tokens(body, len(ids), COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
-            items += [(ids, self._params(body, max_tokens, stop, False, i, forced)) for i in range(body.n)]
+            params = [
+                self._params(body, max_tokens, stop, False, i, forced, logprobs=want, prompt_logprobs=echo_scores)
+                for i in range(body.n)
+            ]
+            items += [(ids, p) for p in params]
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
         info["prompt_tokens"] = prompt_tokens
         pending = _Pending(self.engine)
         pending.submit(items, request_id)
         echoes = [text if body.echo else "" for _, text in prompts for _ in range(body.n)]
+        prompt_ids = [ids for ids, _ in prompts for _ in range(body.n)]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = self._completion_events(pending, request_id, echoes, prompt_tokens, include_usage, info)
+            events = self._completion_events(
+                pending, request_id, echoes, prompt_ids, want is not None, prompt_tokens, include_usage, info
+            )
             return _sse(events, pending)
         texts, reasons, tokens = _collect_init(len(items))
+        logprobs: list[list[TokenLogprob]] = [[] for _ in items]
+        prompt_logprobs: list[list | None] = [None] * len(items)
         try:
-            await _collect(pending, request, texts, reasons, tokens)
+            await _collect(pending, request, texts, reasons, tokens, logprobs, prompt_logprobs)
         except _ClientGone:
             info["finish"] = "cancelled"
             return JSONResponse({"error": "client disconnected"}, status_code=499)
-        choices = [
-            CompletionChoice(index=i, text=echoes[i] + "".join(texts[i]), finish_reason=reasons[i])
-            for i in range(len(items))
-        ]
+        choices = []
+        for i in range(len(items)):
+            scores = None
+            if want is not None:
+                pairs = list(zip(prompt_ids[i], prompt_logprobs[i], strict=True)) if echoes[i] else []
+                pairs += [(entry.token_id, entry) for entry in logprobs[i]]
+                scores = self._completion_logprobs(pairs, _Offsets())
+            text = echoes[i] + "".join(texts[i])
+            choices.append(CompletionChoice(index=i, text=text, finish_reason=reasons[i], logprobs=scores))
         info.update(completion_tokens=sum(tokens), finish=",".join(reasons))
         return CompletionResponse(
             id=request_id, model=self.name, choices=choices, usage=_usage(prompt_tokens, sum(tokens))
         )
 
-    async def _completion_events(self, pending, request_id, echoes, prompt_tokens, include_usage, info):
+    async def _completion_events(
+        self, pending, request_id, echoes, prompt_ids, with_logprobs, prompt_tokens, include_usage, info
+    ):
         created = int(time.time())
         count = len(echoes)
         tokens = [0] * count
         reasons: list[str | None] = [None] * count
+        offsets = [_Offsets() for _ in range(count)]
         info["finish"] = "cancelled"
         try:
             for i, echo in enumerate(echoes):
-                if echo:
+                if echo and not with_logprobs:  # with logprobs: sent with the prompt's, in the first update
                     yield _json(completion_chunk(request_id, created, self.name, i, echo))
             while any(r is None for r in reasons):
                 i, update = await pending.next()
@@ -790,8 +1079,16 @@ class _Server:
                     reasons[i] = "error"
                     yield _json(APIError(500, update.error, type="server_error").body())
                     continue
-                if update.text:
-                    yield _json(completion_chunk(request_id, created, self.name, i, update.text))
+                if with_logprobs and update.prompt_logprobs is not None and echoes[i]:
+                    pairs = list(zip(prompt_ids[i], update.prompt_logprobs, strict=True))
+                    scores = self._completion_logprobs(pairs, offsets[i])
+                    yield _json(completion_chunk(request_id, created, self.name, i, echoes[i], logprobs=scores))
+                scores = None
+                if with_logprobs and update.logprobs:
+                    pairs = [(entry.token_id, entry) for entry in update.logprobs]
+                    scores = self._completion_logprobs(pairs, offsets[i])
+                if update.text or scores:
+                    yield _json(completion_chunk(request_id, created, self.name, i, update.text, logprobs=scores))
                 if update.finished:
                     reasons[i] = update.finish_reason
                     yield _json(completion_chunk(request_id, created, self.name, i, "", update.finish_reason))
@@ -810,16 +1107,56 @@ class _Server:
             logger.info("request %s: ignoring unsupported fields %s", request_id, ", ".join(sorted(extra)))
 
 
+@dataclasses.dataclass
+class _ChatWork:
+    prompt: Any
+    ids: list[int]
+    functions: list[dict]
+    style: str | None
+    processors: list
+
+
+@dataclasses.dataclass
+class _ChatReply:
+    """How a chat request's text becomes its reply."""
+
+    style: str | None  # "tools", "functions" or None (plain text)
+    names: Any  # function_names() of the described functions; {} accepts none
+    parallel: bool  # several tool calls in one reply allowed
+    logprobs: bool
+
+
+class _Offsets:
+    """Character offsets of consecutive tokens in the text they decode to."""
+
+    def __init__(self):
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.chars = 0
+
+    def next(self, raw: bytes) -> int:
+        at = self.chars
+        self.chars += len(self.decoder.decode(raw))
+        return at
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 def _collect_init(n: int):
     return [[] for _ in range(n)], [None] * n, [0] * n
 
 
-async def _collect(pending: _Pending, request: Request, texts, reasons, tokens) -> None:
+async def _collect(pending: _Pending, request: Request, texts, reasons, tokens, logprobs=None, prompt_logprobs=None):
     """Wait for every choice to finish (non-streaming); errors become a 500."""
     while any(r is None for r in reasons):
         i, update = await pending.next(request)
         texts[i].append(update.text)
         tokens[i] = update.completion_tokens
+        if logprobs is not None and update.logprobs:
+            logprobs[i] += update.logprobs
+        if prompt_logprobs is not None and update.prompt_logprobs is not None:
+            prompt_logprobs[i] = update.prompt_logprobs
         if update.finished:
             if update.error:
                 pending.cancel()
@@ -835,11 +1172,16 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
     )
 
 
-def _call_delta(reply, style: str) -> dict:
-    call = {"name": reply.name, "arguments": reply.arguments}
+def _call_delta(reply, style: str, parallel: bool = True) -> dict:
     if style == "functions":
-        return {"function_call": call}
-    return {"tool_calls": [{"index": 0, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": call}]}
+        return {"function_call": {"name": reply.name, "arguments": reply.arguments}}
+    calls = reply.calls if parallel else reply.calls[:1]
+    return {
+        "tool_calls": [
+            {"index": k, "id": _call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
+            for k, (name, arguments) in enumerate(calls)
+        ]
+    }
 
 
 def _json(payload: dict) -> str:

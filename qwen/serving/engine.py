@@ -49,7 +49,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -60,6 +60,10 @@ from qwen.modeling_qwen import ntk_alpha_of, set_ntk_alpha
 logger = logging.getLogger(__name__)
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
+MAX_LOGPROBS = 20  # most alternatives reported per token
+# Prompt log-probabilities are computed this many positions at a time (logits of
+# 152k-token vocabularies are 0.6 MB a position in float32).
+PROMPT_LOGPROB_CHUNK = 128
 
 
 class EngineError(RuntimeError):
@@ -102,6 +106,16 @@ class SamplingParams:
     ``strip`` removes surrounding whitespace from the text, as ``model.chat()`` does.
     ``forced_token_ids`` (a testing aid) replaces the model's choices by these tokens,
     then by the first stop token; the model still runs.
+
+    ``logprobs`` (n >= 0) reports, with each generated token, its log-probability and
+    the ``n`` most likely tokens'; ``prompt_logprobs`` (n >= 0) does the same for the
+    prompt's tokens (from the second on), in the first update. Both are the model's own
+    distribution (log-softmax of its logits), before penalties, ``logit_bias``,
+    constraints and temperature. ``logit_bias`` maps token ids to values added to their
+    logits (OpenAI's -100..100). ``logits_processors`` are factories, each called once
+    per request, of further ``LogitsProcessor`` objects applied after the bias (for
+    example a grammar constraint, :mod:`qwen.serving.constraints`); a processor sees
+    the prompt and generated ids of its request and its (1, vocab) scores.
     """
 
     max_tokens: int = 16
@@ -117,6 +131,10 @@ class SamplingParams:
     ignore_eos: bool = False
     strip: bool = False
     forced_token_ids: Sequence[int] | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    logit_bias: Mapping[int, float] | None = None
+    logits_processors: Sequence[Callable[[], LogitsProcessor]] = ()
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
@@ -135,6 +153,15 @@ class SamplingParams:
                 raise ValueError(f"{name} must be between -2 and 2, got {getattr(self, name)!r}")
         if any(not isinstance(s, str) for s in self.stop):
             raise ValueError("stop must be a list of strings")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer between 0 and {MAX_LOGPROBS}, got {value!r}")
+        for token, bias in (self.logit_bias or {}).items():
+            if not isinstance(token, int) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be between -100 and 100, got {bias!r}")
 
     @property
     def greedy(self) -> bool:
@@ -154,6 +181,21 @@ class Update:
     finished: bool = False
     finish_reason: str | None = None  # one of FINISH_REASONS when finished
     error: str | None = None
+    # With SamplingParams.logprobs: one TokenLogprob per token of token_ids.
+    logprobs: list[TokenLogprob] | None = None
+    # With SamplingParams.prompt_logprobs, in the first update: one per prompt token,
+    # None for the first (nothing predicts it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    """A token's log-probability and the most likely alternatives ``(id, logprob)``,
+    most likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclasses.dataclass
@@ -166,6 +208,8 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 _request_ids = itertools.count()
@@ -292,6 +336,24 @@ class RepetitionPenalty(LogitsProcessor):
         return scores
 
 
+class LogitBias(LogitsProcessor):
+    """OpenAI's ``logit_bias``: adds a fixed value to the logits of some tokens (-100
+    bans a token in practice, 100 all but forces it)."""
+
+    def __init__(self, bias: Mapping[int, float], vocab_size: int | None = None):
+        items = sorted((int(t), float(b)) for t, b in bias.items())
+        if vocab_size is not None and items and items[-1][0] >= vocab_size:
+            raise ValueError(f"logit_bias token id {items[-1][0]} is outside the vocabulary (0..{vocab_size - 1})")
+        self.tokens = torch.tensor([t for t, _ in items], dtype=torch.long)
+        self.values = torch.tensor([b for _, b in items])
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        tokens = self.tokens.to(scores.device)
+        scores[:, tokens] += self.values.to(device=scores.device, dtype=scores.dtype)
+        return scores
+
+
 # Nucleus (top-p) sampling looks for the nucleus among this many most likely tokens
 # first (a partial sort, ~50x cheaper than sorting the 152k-token vocabulary) and sorts
 # everything only when the nucleus is larger.
@@ -302,7 +364,8 @@ class RowSampler:
     """Chooses the next token of one row with the row's own settings and generator.
 
     Order as in ``transformers``' ``generate``: repetition penalty (and OpenAI's
-    presence/frequency penalties), then temperature, top-k and top-p; greedy rows take
+    presence/frequency penalties, ``logit_bias``, further processors such as a grammar
+    constraint), then temperature, top-k and top-p; greedy rows take
     the argmax after the penalties. Only the candidate tokens are sorted (see
     ``_NUCLEUS_CANDIDATES``), and the draw uses the row's own ``torch.Generator``, so a
     seeded request samples the same tokens alone or in any batch.
@@ -316,6 +379,10 @@ class RowSampler:
             self.processors.append(
                 PresenceFrequencyPenalty(params.presence_penalty, params.frequency_penalty, prompt_len)
             )
+        if params.logit_bias:
+            self.processors.append(LogitBias(params.logit_bias))
+        for factory in params.logits_processors:
+            self.processors.append(factory())
         self.greedy = params.greedy
         self.temperature = float(params.temperature)
         self.top_k = int(params.top_k)
@@ -387,6 +454,7 @@ class _Row:
         self.tracker = tracker
         self.stop_ids = frozenset(handle.params.stop_token_ids)
         self.finish_reason: str | None = None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None  # sent with the first update
 
     @property
     def completion_tokens(self) -> int:
@@ -569,6 +637,8 @@ class Engine:
             prompt_tokens=last.prompt_tokens,
             completion_tokens=last.completion_tokens,
             error=last.error,
+            logprobs=[lp for u in updates for lp in u.logprobs or ()] if params.logprobs is not None else None,
+            prompt_logprobs=updates[0].prompt_logprobs,
         )
 
     # ------------------------------------------------------------------ loop
@@ -630,12 +700,28 @@ class Engine:
             mask[i, width - n :] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         cache = DynamicCache()
-        out = self.model(
-            input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1
-        )
+        scored = [i for i, h in enumerate(group) if h.params.prompt_logprobs is not None]
+        captured: list[torch.Tensor] = []
+        hook = None
+        if scored:  # the final hidden states of every position, for the prompt's logprobs
+            hook = self.model.base_model.register_forward_hook(lambda module, args, out: captured.append(out[0]))
+        try:
+            out = self.model(
+                input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
         logits = out.logits[:, -1, :].float()
         alphas = self._cache_alphas(cache)
         rows = [self._make_row(handle) for handle in group]
+        for i in scored:
+            handle = group[i]
+            n = len(handle.prompt_ids)
+            rows[i].prompt_logprobs = [None] + self._prompt_logprobs(
+                captured[0][i, width - n : width - 1], handle.prompt_ids[1:], handle.params.prompt_logprobs
+            )
+        captured.clear()
         self._advance(rows, logits)
         keep = [i for i, row in enumerate(rows) if row.finish_reason is None]
         if not keep:
@@ -674,6 +760,17 @@ class Engine:
         tracker = TextTracker(self._decode, params.stop, params.strip)
         return _Row(handle, sampler, tracker)
 
+    def _prompt_logprobs(self, hidden: torch.Tensor, targets: list[int], top: int) -> list[TokenLogprob]:
+        """Log-probabilities of ``targets`` given the hidden states before each of them,
+        through the output embeddings, ``PROMPT_LOGPROB_CHUNK`` positions at a time."""
+        head = self.model.get_output_embeddings()
+        out: list[TokenLogprob] = []
+        for start in range(0, len(targets), PROMPT_LOGPROB_CHUNK):
+            chunk = targets[start : start + PROMPT_LOGPROB_CHUNK]
+            logits = head(hidden[start : start + len(chunk)]).float()
+            out += _logprobs_of(logits, chunk, top)
+        return out
+
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, errors="replace")
 
@@ -692,6 +789,8 @@ class Engine:
                 row.finish_reason = "error"
                 self._report(row, "", [], finished=True, error=f"sampling failed: {error}")
                 continue
+            top = handle.params.logprobs
+            logprobs = _logprobs_of(logits[i : i + 1], [token], top) if top is not None else None
             row.ids.append(token)
             if handle.first_token_at is None:
                 handle.first_token_at = now
@@ -710,10 +809,21 @@ class Engine:
                 reason = "cancelled"
                 text += row.tracker.flush()
             row.finish_reason = reason
-            self._report(row, text, [token], finished=reason is not None)
+            self._report(row, text, [token], finished=reason is not None, logprobs=logprobs)
 
-    def _report(self, row: _Row, text: str, tokens: list[int], finished: bool, error: str | None = None) -> None:
+    def _report(
+        self,
+        row: _Row,
+        text: str,
+        tokens: list[int],
+        finished: bool,
+        error: str | None = None,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> None:
         handle = row.handle
+        prompt_logprobs, row.prompt_logprobs = row.prompt_logprobs, None
+        if logprobs is None and handle.params.logprobs is not None:
+            logprobs = []
         update = Update(
             request_id=handle.id,
             text=text,
@@ -723,6 +833,8 @@ class Engine:
             finished=finished,
             finish_reason=row.finish_reason if finished else None,
             error=error,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
         if finished:
             handle.done = True
@@ -820,6 +932,22 @@ class Engine:
         self._fail_all(waiting, EngineStoppedError("the engine stopped"))
         self._n_active = 0
         logger.info("engine stopped")
+
+
+def _logprobs_of(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Per row of ``logits`` (n, vocab): the log-probability of ``tokens[row]`` and the
+    ``top`` most likely tokens'."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device).unsqueeze(1))[:, 0].tolist()
+    if top:
+        values, indices = torch.topk(logprobs, top, dim=-1)
+        values, indices = values.tolist(), indices.tolist()
+    else:
+        values = indices = [[] for _ in tokens]
+    return [
+        TokenLogprob(token, lp, list(zip(ids, vals, strict=True)))
+        for token, lp, ids, vals in zip(tokens, chosen, indices, values, strict=True)
+    ]
 
 
 def _deliver(handle: RequestHandle, update: Update) -> None:

@@ -96,11 +96,18 @@ class ChatPrompt:
 
 @dataclasses.dataclass
 class ParsedReply:
-    """A reply split into content and (at most one) function call."""
+    """A reply split into content and function calls: ``name``/``arguments`` are the
+    first call, ``calls`` all of them (``(name, arguments)``, several where the model
+    wrote several actions before its first ``Observation:``)."""
 
     content: str | None
     name: str | None = None
     arguments: str | None = None  # a JSON object, as a string
+    calls: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        if self.name is not None and not self.calls:
+            self.calls = [(self.name, self.arguments or "{}")]
 
     @property
     def is_call(self) -> bool:
@@ -143,19 +150,54 @@ def select_functions(
 
 
 def _check_function(definition: Any, param: str) -> dict:
+    """Check one definition: OpenAI's (``name``, ``description``, ``parameters`` as a
+    JSON Schema) or the original Qwen server's (``name_for_model``, ``name_for_human``,
+    ``description_for_model``, ``parameters`` as a list of ``{name, description,
+    required, schema}``); either may have both sets of keys. Returns it with ``name``
+    set (to ``name_for_model`` where only that is given)."""
     if not isinstance(definition, dict):
         raise PromptError(f"{param} must be an object with a 'name'", param)
-    name = definition.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise PromptError(f"{param}.name must be a non-empty string", f"{param}.name")
-    for key in ("description", "name_for_model", "name_for_human", "description_for_model"):
+    for key in ("name", "description", "name_for_model", "name_for_human", "description_for_model"):
         value = definition.get(key)
         if value is not None and not isinstance(value, str):
             raise PromptError(f"{param}.{key} must be a string", f"{param}.{key}")
+    name = definition.get("name") or definition.get("name_for_model")
+    if not isinstance(name, str) or not name.strip():
+        raise PromptError(f"{param}.name must be a non-empty string (or give name_for_model)", f"{param}.name")
     parameters = definition.get("parameters")
-    if parameters is not None and not isinstance(parameters, dict):
-        raise PromptError(f"{param}.parameters must be a JSON Schema object", f"{param}.parameters")
-    return definition
+    if isinstance(parameters, list):
+        for k, item in enumerate(parameters):
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:
+                raise PromptError(
+                    f"{param}.parameters[{k}] must be an object with a 'name' (Qwen-style parameter list)",
+                    f"{param}.parameters.{k}",
+                )
+            if item.get("schema") is not None and not isinstance(item["schema"], dict):
+                raise PromptError(f"{param}.parameters[{k}].schema must be an object", f"{param}.parameters.{k}.schema")
+    elif parameters is not None and not isinstance(parameters, dict):
+        raise PromptError(
+            f"{param}.parameters must be a JSON Schema object or a list of parameters", f"{param}.parameters"
+        )
+    return {**definition, "name": name}
+
+
+def arguments_schema(definition: Mapping[str, Any]) -> dict | None:
+    """The JSON Schema of a function's arguments: ``parameters`` itself, or an object
+    schema built from a Qwen-style parameter list; None where nothing is declared."""
+    parameters = definition.get("parameters")
+    if isinstance(parameters, dict):
+        return parameters or None
+    if not parameters:
+        return None
+    properties, required = {}, []
+    for item in parameters:
+        schema = dict(item.get("schema") or {})
+        if item.get("description") and "description" not in schema:
+            schema["description"] = item["description"]
+        properties[item["name"]] = schema
+        if item.get("required"):
+            required.append(item["name"])
+    return {"type": "object", "properties": properties, "required": required}
 
 
 def _choose(defs: list[dict], choice: Any, param: str, nested: bool) -> list[dict]:
@@ -169,7 +211,7 @@ def _choose(defs: list[dict], choice: Any, param: str, nested: bool) -> list[dic
         name = named.get("name") if isinstance(named, dict) else None
     if not isinstance(name, str):
         raise PromptError(f"{param} must be 'none', 'auto', 'required' or name a function", param)
-    chosen = [d for d in defs if d["name"] == name]
+    chosen = [d for d in defs if name in (d["name"], d.get("name_for_model"))]
     if not chosen:
         raise PromptError(f"{param} names {name!r}, which is not among the given functions", param)
     return chosen
@@ -178,7 +220,8 @@ def _choose(defs: list[dict], choice: Any, param: str, nested: bool) -> list[dic
 def react_instruction(functions: Sequence[dict]) -> str:
     """The ReAct instruction describing ``functions`` (OpenAI function definitions;
     the original keys ``name_for_model``, ``name_for_human`` and
-    ``description_for_model`` are honoured too)."""
+    ``description_for_model`` are honoured too, and ``parameters`` is shown as given,
+    a JSON Schema or the original server's list of parameters)."""
     descriptions, names = [], []
     for definition in functions:
         name = definition.get("name_for_model") or definition["name"]
@@ -379,7 +422,7 @@ def _json_object(text: str) -> str | None:
         candidates.append(fenced.group(1))
     for candidate in candidates:
         try:
-            value = json.loads(candidate)
+            value = json.loads(candidate, strict=False)  # control characters in strings: re-escaped below
         except ValueError:
             continue
         if isinstance(value, dict):
@@ -394,36 +437,58 @@ def _strip_thought(text: str) -> str:
     return text
 
 
+_CALL_END_MARKERS = ("Action:", "Thought:", OBSERVATION, "Final Answer:")
+
+
 def parse_react(text: str, names: Collection[str] | None = None) -> ParsedReply:
     """Parse a ReAct reply.
 
     A call is an ``Action:`` line followed by an ``Action Input:`` line (before any
     ``Final Answer:``), naming one of ``names`` (if given) with a JSON object as input;
-    the thought before it becomes the content. With ``names`` a mapping (from
-    :func:`function_names`) the call carries the name it maps to. Otherwise the text after ``Final
-    Answer:`` is the content, or, without one, the whole text. A malformed call (unknown
-    tool, input that is not a JSON object) is returned as plain content: the whole text.
+    the thought before the first call becomes the content. Several actions in a row
+    (each with its input, thoughts between them allowed) are several calls. With
+    ``names`` a mapping (from :func:`function_names`) each call carries the name it maps
+    to. Otherwise the text after ``Final Answer:`` is the content, or, without one, the
+    whole text. A malformed call (unknown tool, input that is not a JSON object) makes
+    the whole reply plain content: the whole text.
     """
     action = _marker(text, "Action:")
     final = _marker(text, "Final Answer:")
     if action >= 0 and (final < 0 or action < final):
         end = final if final >= 0 else len(text)
-        args_at = _marker(text[:end], "Action Input:", action)
-        if args_at >= 0:
-            name = text[action + len("Action:") : args_at].strip()
-            arguments = text[args_at + len("Action Input:") : end]
-            observation = _marker(arguments, OBSERVATION)
-            if observation >= 0:
-                arguments = arguments[:observation]
-            arguments = _json_object(arguments.strip())
-            if name and arguments is not None and (names is None or name in names):
-                if isinstance(names, Mapping):
-                    name = names[name]
-                return ParsedReply(_strip_thought(text[:action]) or None, name, arguments)
-        return ParsedReply(text.strip())
+        observation = _marker(text[:end], OBSERVATION, action)
+        if observation >= 0:
+            end = observation
+        calls = []
+        at = action
+        while at >= 0:
+            call = _parse_action(text, at, end, names)
+            if call is None:
+                return ParsedReply(text.strip())
+            calls.append(call[:2])
+            at = _marker(text[:end], "Action:", call[2] - 1)  # from the newline before it
+        name, arguments = calls[0]
+        return ParsedReply(_strip_thought(text[:action]) or None, name, arguments, calls)
     if final >= 0:
         return ParsedReply(text[final + len("Final Answer:") :].strip())
     return ParsedReply(text.strip())
+
+
+def _parse_action(text: str, action: int, end: int, names) -> tuple[str, str, int] | None:
+    """The call whose ``Action:`` marker is at ``action``: (name, arguments, where its
+    input ends), or None when malformed."""
+    args_at = _marker(text[:end], "Action Input:", action)
+    if args_at < 0:
+        return None
+    start = args_at + len("Action Input:")
+    stop = min([at for at in (_marker(text[:end], m, start) for m in _CALL_END_MARKERS) if at >= 0], default=end)
+    name = text[action + len("Action:") : args_at].strip()
+    arguments = _json_object(text[start:stop].strip())
+    if not name or "\n" in name or arguments is None or (names is not None and name not in names):
+        return None
+    if isinstance(names, Mapping):
+        name = names[name]
+    return name, arguments, stop
 
 
 class ReactStream:

@@ -23,9 +23,13 @@ class _Lenient(BaseModel):
 
 
 class FunctionDefinition(_Lenient):
-    name: str
+    """OpenAI's function definition, or the original Qwen server's (``name_for_model``,
+    ``name_for_human``, ``description_for_model``, ``parameters`` as a list of
+    ``{name, description, required, schema}``); checked by the server."""
+
+    name: str | None = None
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | list[Any] | None = None
 
 
 class ToolDefinition(_Lenient):
@@ -75,6 +79,9 @@ class _SamplingFields(_Lenient):
     stream_options: StreamOptions | None = None
     seed: int | None = None
     user: str | None = None
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (as a string) -> bias added to its logit, -100..100."
+    )
     ignore_eos: bool = Field(False, description="Extension: do not stop at end-of-text tokens (benchmarks).")
 
 
@@ -87,7 +94,7 @@ class ChatCompletionRequest(_SamplingFields):
     functions: list[FunctionDefinition] | None = None
     function_call: str | dict[str, Any] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
 
@@ -97,7 +104,7 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
     suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)
     best_of: int | None = None
 
 
@@ -128,10 +135,31 @@ class ResponseMessage(BaseModel):
     function_call: ResponseFunctionCall | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobEntry] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ResponseMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length", "tool_calls", "function_call"] | None
 
 
@@ -147,7 +175,7 @@ class ChatCompletionResponse(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -207,6 +235,7 @@ def chat_chunk(
     index: int,
     delta: dict[str, Any],
     finish_reason: str | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One ``chat.completion.chunk`` with one choice."""
     return {
@@ -214,12 +243,18 @@ def chat_chunk(
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
 
 
 def completion_chunk(
-    request_id: str, created: int, model: str, index: int, text: str, finish_reason: str | None = None
+    request_id: str,
+    created: int,
+    model: str,
+    index: int,
+    text: str,
+    finish_reason: str | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One streamed ``text_completion`` object with one choice."""
     return {
@@ -227,7 +262,7 @@ def completion_chunk(
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
 
 
