@@ -433,3 +433,23 @@ def install(model: nn.Module) -> nn.Module:
         model.get_compiled_call = types.MethodType(get_compiled_call, model)
     model._qwen_cpu_engine = True
     return model
+
+
+def uninstall(model: nn.Module) -> nn.Module:
+    """Give ``model``'s modules back their own classes and drop the decoding-step and
+    compiled-call hooks (the placed weights stay where they are), for tools that look for
+    modules of exactly the model's classes (optimum's GPTQ quantizer takes ``type(m) is
+    nn.Linear`` only). :func:`install` puts the engine back. Returns the model."""
+    if not getattr(model, "_qwen_cpu_engine", False):
+        return model
+    plain = {swap: base for base, swap in _SWAPS.items()}
+    for module in model.modules():
+        base = plain.get(type(module))
+        if base is not None:
+            module.__class__ = base
+            module.__dict__.pop("_packed", None)
+    getattr(model, "transformer", model).__dict__.pop("decode_step", None)
+    for name in ("_valid_auto_compile_criteria", "get_compiled_call"):
+        model.__dict__.pop(name, None)
+    model._qwen_cpu_engine = False
+    return model

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import struct
 from typing import Any
 
@@ -41,6 +42,8 @@ def load_kwargs(checkpoint, kwargs: dict[str, Any]) -> dict[str, Any]:
     """
     kwargs = dict(kwargs)
     flags = {f: kwargs.pop(f) for f in PRECISION_FLAGS if f in kwargs}
+    # for transformers' quantizer (merged with the checkpoint's own), not a config attribute
+    quantization_config = kwargs.pop("quantization_config", None)
     dtype = kwargs.pop("dtype", None)
     legacy_dtype = kwargs.pop("torch_dtype", None)
     dtype = dtype if dtype is not None else legacy_dtype
@@ -57,7 +60,32 @@ def load_kwargs(checkpoint, kwargs: dict[str, Any]) -> dict[str, Any]:
     dtype = resolve_dtype(config, dtype, explicit_flags=any(flags.values()))
     if "attn_implementation" not in kwargs and config._attn_implementation_internal is None:
         kwargs["attn_implementation"] = choose_attention(config, dtype, kwargs.get("device_map"))
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if _quant_method(quantization_config or getattr(config, "quantization_config", None)) == "gptq":
+        prepare_gptqmodel()
     return {**kwargs, "config": config, "dtype": dtype}
+
+
+def _quant_method(quantization_config) -> str | None:
+    if quantization_config is None:
+        return None
+    if isinstance(quantization_config, dict):
+        method = quantization_config.get("quant_method")
+    else:
+        method = getattr(quantization_config, "quant_method", None)
+    return None if method is None else str(getattr(method, "value", method)).lower()
+
+
+def prepare_gptqmodel() -> None:
+    """Set ``GPTQMODEL_CPU_WORKERS`` (unless the user did) before gptqmodel builds its worker
+    pools: half the cores, as gptqmodel chooses, but at least 2, since its model-loader pool
+    asks the CPU pool for 2 workers (with 1, on a 2-core machine, loading fails with a
+    worker-pool ``ValueError``)."""
+    if "GPTQMODEL_CPU_WORKERS" not in os.environ:
+        workers = max(2, min(12, ((os.cpu_count() or 1) + 1) // 2))
+        os.environ["GPTQMODEL_CPU_WORKERS"] = str(workers)
+        logger.info("GPTQMODEL_CPU_WORKERS=%d (set it to choose gptqmodel's CPU workers yourself)", workers)
 
 
 def resolve_dtype(config: QWenConfig, dtype, explicit_flags: bool) -> torch.dtype:

@@ -452,7 +452,11 @@ class QWenModel(QWenPreTrainedModel):
         for block, mask in zip(blocks, layer_masks, strict=False):
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
-            hidden_states = block(hidden_states, rotary, logn, mask, past_key_values, **kwargs)
+            # every input but the hidden states by keyword: quantizers (optimum, gptqmodel) replay a
+            # block with the hidden states and the keyword arguments they captured only
+            hidden_states = block(
+                hidden_states, rotary=rotary, logn=logn, attention_mask=mask, past_key_values=past_key_values, **kwargs
+            )
         hidden_states = self.ln_f(hidden_states)
         if all_hidden is not None:
             all_hidden.append(hidden_states)

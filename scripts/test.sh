@@ -7,5 +7,8 @@ python -m pip install --quiet --upgrade pip
 # (where this is tested the pin resolves to a local CPU wheel; see README.md).
 python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet -e ".[test]"
+# gptqmodel pulls in torchao, whose builds for torch 2.13 fail to load their compiled parts
+# and print warnings at every `import transformers` (gptqmodel imports it only optionally).
+python -m pip uninstall --quiet --yes torchao 2>/dev/null || true
 ruff check .
 python -m pytest -q -p no:cacheprovider "$@"
