@@ -107,14 +107,14 @@ def make_context(
         raise TypeError(f"system must be a string, got {type(system).__name__}")
     history = _check_history(history)
 
-    im_start, im_end = [tokenizer.im_start_id], [tokenizer.im_end_id]
+    im_start = [tokenizer.im_start_id]
     nl = list(tokenizer.encode("\n"))
 
     def plain(text: str) -> list[int]:
         return list(tokenizer.encode(text, allowed_special=set(), disallowed_special=()))
 
     def message(role: str, content: str) -> tuple[str, list[int]]:
-        return f"{IM_START}{role}\n{content}{IM_END}", im_start + plain(role) + nl + plain(content) + im_end
+        return f"{IM_START}{role}\n{content}{IM_END}", sum(chatml_message_parts(tokenizer, role, content), [])
 
     system_text, system_ids = message("system", system)
     used = len(system_ids)
@@ -137,6 +137,19 @@ def make_context(
     context += nl + query_ids + nl + im_start + plain("assistant") + nl
     raw_text = system_text + "".join(reversed(kept_text)) + f"\n{query_text}\n{IM_START}assistant\n"
     return raw_text, context
+
+
+def chatml_message_parts(tokenizer: Any, role: str, content: str) -> tuple[list[int], ...]:
+    """The ids of one ChatML message in four parts: ``[<|im_start|>]``, the role word and
+    ``\n``, the content (plain text: special-token look-alikes stay text) and
+    ``[<|im_end|>]``. :func:`make_context` joins messages with ``\n``; finetuning data
+    (``finetune_data.py``) labels each part."""
+    nl = list(tokenizer.encode("\n"))
+
+    def plain(text: str) -> list[int]:
+        return list(tokenizer.encode(text, allowed_special=set(), disallowed_special=()))
+
+    return [tokenizer.im_start_id], plain(role) + nl, plain(content), [tokenizer.im_end_id]
 
 
 # --------------------------------------------------------------------------- stop words
