@@ -53,6 +53,13 @@ def _convert_qwen2(args: argparse.Namespace) -> None:
     print(f"wrote a Qwen2ForCausalLM checkpoint to {dst}")
 
 
+def _merge_lora(args: argparse.Namespace) -> None:
+    from .training import merge_lora
+
+    out = merge_lora(args.adapter_dir, args.out_dir, dtype=args.dtype, base=args.base)
+    print(f"wrote the merged checkpoint to {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m qwen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -129,6 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite a checkpoint already in DST_DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_convert_qwen2)
+
+    p = sub.add_parser(
+        "merge-lora",
+        help="merge a LoRA adapter (finetune.py --use_lora) into a standalone checkpoint",
+        description="Load the adapter's base checkpoint, merge the LoRA weights (and the fully trained "
+        "modules, wte/lm_head for base models) into it and write a checkpoint in the official layout: "
+        "weights, config, generation config, tokenizer files and remote code. See docs/finetune.md.",
+    )
+    p.add_argument("adapter_dir", help="the adapter directory written by finetune.py")
+    p.add_argument("out_dir", help="directory to write (created if missing)")
+    p.add_argument("--base", default=None, help="base checkpoint (default: the adapter's base_model_name_or_path)")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        default="auto",
+        help="dtype of the written weights (default auto: as the base checkpoint stores them)",
+    )
+    p.set_defaults(func=_merge_lora)
     return parser
 
 

@@ -1,0 +1,57 @@
+# shellcheck shell=bash
+# Shared by the finetune/*.sh launch scripts (sourced, not run): reads the paths and the
+# launch settings, and defines `launch`, which starts finetune.py under torchrun.
+#
+# Paths: -m MODEL (checkpoint directory or Hub name), -d DATA (training data), -o OUTPUT
+# (output directory), or the variables MODEL, DATA, OUTPUT. Everything after `--` goes to
+# finetune.py unchanged and, coming last, overrides the recipe (e.g. -- --bf16 False).
+# Launch settings: GPUS_PER_NODE (default: the visible GPUs, at least 1), NNODES (1),
+# NODE_RANK (0), MASTER_ADDR (localhost), MASTER_PORT (6001), PYTHON (python),
+# DS_CONFIG (the script's DeepSpeed config).
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python}"
+MODEL="${MODEL:-Qwen/Qwen-7B}"
+DATA="${DATA:-path_to_data.json}"
+OUTPUT="${OUTPUT:-output_qwen}"
+EXTRA_ARGS=()
+
+usage() {
+    echo "usage: $0 [-m MODEL] [-d DATA] [-o OUTPUT] [-- FINETUNE_ARGS...]" >&2
+    exit 2
+}
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        -m | --model) MODEL="$2"; shift 2 ;;
+        -d | --data) DATA="$2"; shift 2 ;;
+        -o | --output) OUTPUT="$2"; shift 2 ;;
+        -h | --help) usage ;;
+        --) shift; EXTRA_ARGS=("$@"); break ;;
+        *) echo "unknown option: $1" >&2; usage ;;
+    esac
+done
+
+if [[ -z "${GPUS_PER_NODE:-}" ]]; then
+    GPUS_PER_NODE="$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))')"
+fi
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+MASTER_ADDR="${MASTER_ADDR:-localhost}"
+MASTER_PORT="${MASTER_PORT:-6001}"
+
+# launch ARGS...: finetune.py with the paths, ARGS (the recipe) and the extra arguments.
+launch() {
+    "$PYTHON" -m torch.distributed.run \
+        --nproc_per_node "$GPUS_PER_NODE" \
+        --nnodes "$NNODES" \
+        --node_rank "$NODE_RANK" \
+        --master_addr "$MASTER_ADDR" \
+        --master_port "$MASTER_PORT" \
+        "$REPO/finetune.py" \
+        --model_name_or_path "$MODEL" \
+        --data_path "$DATA" \
+        --output_dir "$OUTPUT" \
+        "$@" \
+        "${EXTRA_ARGS[@]}"
+}

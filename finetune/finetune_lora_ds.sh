@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# LoRA finetuning with DeepSpeed ZeRO-2 (the original recipe: r 64, alpha 16, dropout 0.05
+# on c_attn/c_proj/w1/w2; lr 3e-4, 5 epochs, 8 accumulated steps of 2 samples per GPU, 512
+# tokens). Base checkpoints also train wte and lm_head. Writes the adapter; merge it with
+# `python -m qwen merge-lora OUTPUT MERGED`. Usage: finetune/common.sh, docs/finetune.md.
+#   bash finetune/finetune_lora_ds.sh -m Qwen/Qwen-7B-Chat -d data.json -o output_qwen
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+DS_CONFIG="${DS_CONFIG:-$REPO/finetune/ds_config_zero2.json}"
+
+launch \
+    --bf16 True \
+    --num_train_epochs 5 \
+    --per_device_train_batch_size 2 \
+    --per_device_eval_batch_size 1 \
+    --gradient_accumulation_steps 8 \
+    --save_strategy steps \
+    --save_steps 1000 \
+    --save_total_limit 10 \
+    --learning_rate 3e-4 \
+    --weight_decay 0.1 \
+    --adam_beta2 0.95 \
+    --warmup_steps 0.01 \
+    --lr_scheduler_type cosine \
+    --logging_steps 1 \
+    --report_to none \
+    --model_max_length 512 \
+    --gradient_checkpointing True \
+    --lazy_preprocess True \
+    --use_lora True \
+    --deepspeed "$DS_CONFIG"
