@@ -4,6 +4,7 @@
 # checkpoint in the official layout. Usage and settings: finetune/common.sh, docs/finetune.md.
 #   bash finetune/finetune_ds.sh -m Qwen/Qwen-7B -d data.json -o output_qwen
 set -euo pipefail
+# shellcheck source=finetune/common.sh
 source "$(dirname "$0")/common.sh"
 DS_CONFIG="${DS_CONFIG:-$REPO/finetune/ds_config_zero3.json}"
 

@@ -5,6 +5,7 @@
 # `python -m qwen merge-lora OUTPUT MERGED`. Usage: finetune/common.sh, docs/finetune.md.
 #   bash finetune/finetune_lora_ds.sh -m Qwen/Qwen-7B-Chat -d data.json -o output_qwen
 set -euo pipefail
+# shellcheck source=finetune/common.sh
 source "$(dirname "$0")/common.sh"
 DS_CONFIG="${DS_CONFIG:-$REPO/finetune/ds_config_zero2.json}"
 

@@ -4,6 +4,7 @@
 # loader, not available yet: docs/finetune.md). Recipe as finetune_lora_ds.sh.
 #   bash finetune/finetune_qlora_ds.sh -m Qwen/Qwen-7B-Chat -d data.json -o output_qwen
 set -euo pipefail
+# shellcheck source=finetune/common.sh
 source "$(dirname "$0")/common.sh"
 DS_CONFIG="${DS_CONFIG:-$REPO/finetune/ds_config_zero2.json}"
 

@@ -5,6 +5,7 @@
 set -euo pipefail
 export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
 GPUS_PER_NODE=1
+# shellcheck source=finetune/common.sh
 source "$(dirname "$0")/common.sh"
 
 launch \
