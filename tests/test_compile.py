@@ -15,8 +15,8 @@ from transformers.generation import CompileConfig
 
 import qwen  # noqa: F401
 from qwen import cpu_kernels
-from qwen.kv_cache import CACHE_KWARG
 from qwen.cpu_engine import CPU_COMPILE_OPTIONS, onednn_off_for_one_row_step
+from qwen.kv_cache import CACHE_KWARG
 
 
 def load(path, dtype):
