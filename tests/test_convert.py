@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO
+from reference import qwen2_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen2ForCausalLM
@@ -31,7 +32,6 @@ from qwen.convert import (
     convert_qwen2,
     parse_size,
     qwen2_config_dict,
-    qwen2_tensors,
 )
 from qwen.qwen_generation_utils import DEFAULT_SYSTEM, make_context
 from qwen.tiny import make_tiny_checkpoint
@@ -325,8 +325,12 @@ def _sources(tmp_path: Path) -> dict[str, Path]:
 def test_every_source_format_gives_the_same_export(tmp_path):
     sources = _sources(tmp_path)
     state = load_file(str(sources["single"] / "model.safetensors"))
-    expected = dict(pair for name, tensor in state.items() for pair in qwen2_tensors(name, tensor))
-    assert "lm_head.weight" not in expected
+    # Expected tensors from the independent renaming in tests/reference.py (q/k/v split
+    # out of c_attn, w2 -> gate, w1 -> up), not from the converter's own qwen2_tensors.
+    assert "lm_head.weight" not in state  # tied: the export has no lm_head either
+    layers = json.loads((sources["single"] / "config.json").read_text())["num_hidden_layers"]
+    expected = {k: v for k, v in qwen2_state_dict(state, layers).items() if k != "lm_head.weight"}
+    assert len(expected) == len(state) + 2 * 2 * layers  # c_attn weight and bias: three tensors each
     for fmt, src in sources.items():
         dst = convert_qwen2(src, tmp_path / f"out-{fmt}", progress=False, tokenizer=False)
         got = safetensors_state(dst)
@@ -446,6 +450,9 @@ def test_parse_size():
         ({"scale_attn_weights": False}, "scale_attn_weights"),
         ({"kv_channels": 8}, "kv_channels"),
         ({"model_type": "llama"}, "model_type"),
+        # the export has no window: it would attend over everything (Qwen2 sliding windows differ)
+        ({"window_size": 16}, "window_size"),
+        ({"window_size": [None, 8]}, "window_size"),
     ],
 )
 def test_refuses_inexact_sources(tmp_path, tiny_dir, changes, words):
@@ -453,6 +460,14 @@ def test_refuses_inexact_sources(tmp_path, tiny_dir, changes, words):
     with pytest.raises(ConversionError, match=words):
         convert_qwen2(src, tmp_path / "dst", progress=False)
     assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("changes, words", [({"kv_channels": 8}, "kv_channels"), ({"window_size": 16}, "window_size")])
+def test_config_dict_refuses_inexact_configs(tiny_dir, changes, words):
+    """qwen2_config_dict on a raw config dict (no QWenConfig validation before it) refuses too."""
+    cfg = json.loads((tiny_dir / "config.json").read_text()) | changes
+    with pytest.raises(ConversionError, match=words):
+        qwen2_config_dict(cfg)
 
 
 def test_cli_refusal_is_a_clear_message(tmp_path, tiny_dir, capsys):

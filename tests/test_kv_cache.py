@@ -380,6 +380,12 @@ def test_kernel_request_on_cpu_logs_notice_and_uses_torch_path(ckpt, caplog, mon
         out = _greedy(model, rand_ids(1, 6), 3)
     assert out.sequences.shape == (1, 9)
     assert any("use_cache_kernel=True" in r.getMessage() for r in caplog.records)
+    # ... and computes exactly what the torch path (use_cache_kernel=False) computes
+    ref = _greedy(load(ckpt, use_cache_quantization=True, use_cache_kernel=False), rand_ids(1, 6), 3)
+    assert type(out.past_key_values) is Int8KVCache and type(ref.past_key_values) is Int8KVCache
+    assert torch.equal(out.sequences, ref.sequences)
+    for got, expected in zip(out.logits, ref.logits, strict=True):
+        assert torch.equal(got, expected)
 
 
 def test_modules_are_self_contained_remote_code(ckpt):

@@ -356,6 +356,29 @@ def test_official_generation_config_samples(tiny_chat_dir):
     torch.manual_seed(1)
     out = m.generate(rand_ids(1, 5), max_new_tokens=3)  # do_sample, top_p 0.8, top_k 0
     assert out.shape == (1, 8)
+    # What the official config asks for, worked out here from the raw logits: repetition
+    # penalty 1.1 over all seen tokens, then the top-p 0.8 nucleus of the whole vocabulary
+    # (top_k 0: not transformers' default of 50). Every sampled token lies in that
+    # nucleus; some lie beyond the 50 most likely (the random model's distribution is
+    # flat); the draws differ from greedy decoding.
+    config = m.generation_config
+    assert (config.do_sample, config.top_p, config.repetition_penalty) == (True, 0.8, 1.1)
+    ids = rand_ids(1, 5)
+    n = 12
+    greedy = m.generate(ids, max_new_tokens=n, do_sample=False, repetition_penalty=1.1)[0, 5:]
+    out = m.generate(ids, max_new_tokens=n, output_logits=True, return_dict_in_generate=True)
+    ranks = []
+    for step, logits in enumerate(out.logits):
+        seen = out.sequences[0, : 5 + step]
+        scores = logits[0].clone()
+        scores[seen] = torch.where(scores[seen] < 0, scores[seen] * 1.1, scores[seen] / 1.1)
+        probs, order = scores.softmax(-1).sort(descending=True)
+        token = out.sequences[0, 5 + step]
+        rank = int((order == token).nonzero())
+        assert probs[:rank].sum() < 0.8 + 1e-6, (step, rank)  # inside the nucleus
+        ranks.append(rank)
+    assert max(ranks) >= 50, ranks
+    assert not torch.equal(out.sequences[0, 5:], greedy)
 
 
 def test_loss_and_gradient_checkpointing(tiny_dir):
@@ -396,11 +419,25 @@ def test_return_dict_false_gives_tuples(tiny_dir):
         m.config.return_dict = True
 
 
-def test_torch_compile_runs(model):
+def test_torch_compile_runs(model, tiny_dir):
+    """The forward compiles into one graph (fullgraph: no break), and the captured graph
+    computes the official function (not merely what the eager forward computes)."""
     ids = rand_ids(1, 6)
-    compiled = torch.compile(model.forward, backend="eager")
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model.forward, backend=recording_backend, fullgraph=True)
     with torch.no_grad():
-        assert torch.allclose(compiled(ids).logits, model(ids).logits, atol=ATOL)
+        # no cache: a DynamicCache's layers grow in place (a __class__ swap Dynamo cannot
+        # trace); compiled decoding runs over a StaticCache (test_compile.py)
+        got = compiled(ids, use_cache=False).logits
+        assert torch.allclose(got, model(ids, use_cache=False).logits, atol=ATOL)
+    assert len(graphs) == 1 and any(n.op == "call_function" for n in graphs[0].graph.nodes)
+    reference = naive_forward(tiny_dir, ids[0].tolist(), True, True)
+    assert (got[0] - reference).abs().max().item() < ATOL
 
 
 def test_no_split_modules():
