@@ -72,16 +72,20 @@ def naive_forward(
     use_dynamic_ntk: bool,
     use_logn_attn: bool,
     window: int | None | list[int | None] = None,
+    ntk_length: int | None = None,
 ) -> torch.Tensor:
     """fp32 logits of one unpadded sequence, straight from the official formulas.
-    ``window``: one attention window for every layer, or a list with one per layer."""
+    ``window``: one attention window for every layer, or a list with one per layer.
+    ``ntk_length``: the length the dynamic-NTK alpha is computed from (default: the whole
+    sequence). Decoding with a cache keeps the alpha of the prompt it started from, so a
+    prompt of ``ntk_length`` tokens decoded to ``len(ids)`` has these logits."""
     cfg = json.loads((Path(ckpt) / "config.json").read_text())
     w = load_state(ckpt)
     n_heads, d, S = cfg["num_attention_heads"], cfg["kv_channels"], cfg["seq_length"]
     L = len(ids)
     base = float(cfg["rotary_emb_base"])
     if use_dynamic_ntk:
-        alpha = max(2 ** math.ceil(math.log(L / S, 2) + 1) - 1, 1)
+        alpha = max(2 ** math.ceil(math.log((ntk_length or L) / S, 2) + 1) - 1, 1)
         base = base * alpha ** (d / (d - 2))
     inv_freq = 1.0 / (base ** (torch.arange(0, d, 2).float() / d))
     freqs = torch.outer(torch.arange(L).float(), inv_freq)

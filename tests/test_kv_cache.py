@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import rand_ids
+from reference import naive_forward
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from qwen import kv_cache
@@ -291,6 +292,37 @@ def test_teacher_forced_logits_match_float_cache(float_model, int8_model):
     diff = torch.cat(diffs, dim=1)
     print(f"\nteacher-forced: mean |logit diff| {diff.mean().item():.2e}, max {diff.max().item():.2e}")
     assert diff.mean() < 5e-3
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("prompt", [56, 120])
+def test_int8_cache_beyond_seq_length_follows_official_formulas(int8_model, ckpt, prompt):
+    """Dynamic NTK and logN over a quantized cache: decoding 16 tokens past seq_length (64)
+    keeps the prompt's alpha (1 for 56 tokens, 3 for 120, where the whole sequence would
+    give 3 and 7) and scales queries by logN of their position. Reference: the official
+    formulas in fp32 with the prompt's alpha. The prompt step attends over float keys
+    (exact); decoded steps read int8 ones, so they differ from the reference by quantization
+    only: measured ~0.002 mean, against ~0.2 for a wrong alpha and ~0.06 for no logN at 120+
+    (at 56-72 logN is at most 1.03 and changes logits by only ~0.003, so it is checked at 120)."""
+    decode = 16
+    ids = rand_ids(2, prompt + decode, seed=11)
+    cache = Int8KVCache(config=int8_model.config)
+    steps = [int8_model(ids[:, :prompt], past_key_values=cache).logits]
+    for t in range(prompt, prompt + decode):
+        steps.append(int8_model(ids[:, t : t + 1], past_key_values=cache).logits)
+    got = torch.cat(steps, 1)
+    assert type(cache) is Int8KVCache and cache.get_seq_length() == prompt + decode
+    for row in range(2):
+        tokens = ids[row].tolist()
+        ref = naive_forward(ckpt, tokens, True, True, ntk_length=prompt)
+        assert (got[row, :prompt] - ref[:prompt]).abs().max() < 1e-4
+        err = (got[row, prompt:] - ref[prompt:]).abs().mean()
+        assert err < 0.01 * ref[prompt:].abs().mean(), (row, err)
+        wrong = [naive_forward(ckpt, tokens, True, True)]  # alpha from the whole sequence
+        if prompt > 100:
+            wrong.append(naive_forward(ckpt, tokens, True, False, ntk_length=prompt))
+        for other in wrong:
+            assert err < 0.1 * (other[prompt:] - ref[prompt:]).abs().mean(), (row, err)
 
 
 def test_forward_without_cache_argument_uses_int8_cache(int8_model, float_model):

@@ -964,23 +964,47 @@ def test_auto_dtype_is_the_stored_one(tmp_path):
 
 
 def test_server_packs_weights_for_batches_where_bf16_is_native(tmp_path, monkeypatch):
-    """load_engine gives a bf16 CPU model packed weight copies for batched steps where
-    bf16 matmuls are native (pack_weights, --no-pack-weights to skip), never for
-    max_batch_size 1 or a float32 model."""
+    """load_engine gives a bf16 CPU model packed weight copies for batched steps
+    (pack_for_cpu_batches with the batch size; --no-pack-weights to skip), never for
+    max_batch_size 1 or float32 weights. Where bf16 matmuls are native the packed copies
+    give the plain product's values and a replaced weight drops its copy; elsewhere (oneDNN
+    cannot pack bf16 without AVX-512 or AVX-NE-CONVERT) packing does nothing."""
     from qwen import cpu_engine
     from qwen.serving.app import load_engine
 
     ckpt = str(make_tiny(tmp_path / "bf16", "--dtype", "bf16", "--layers", "1"))
+    calls = []
+    real_pack = cpu_engine.pack_for_cpu_batches
+    monkeypatch.setattr(cpu_engine, "pack_for_cpu_batches", lambda model, rows: calls.append(rows) or 0)
+    for kwargs, expected in [
+        ({"max_batch_size": 4}, [4]),
+        ({"max_batch_size": 4, "pack_weights": False}, []),
+        ({"max_batch_size": 1}, []),
+    ]:
+        calls.clear()
+        load_engine(ckpt, cpu_only=True, **kwargs)
+        assert calls == expected, kwargs
 
-    def packed(**kwargs) -> set[bool]:
-        engine = load_engine(ckpt, cpu_only=True, **kwargs)
-        return {m._packed is not None for m in engine.model.modules() if isinstance(m, cpu_engine.CPULinear)}
-
-    assert packed(max_batch_size=4) == {cpu_engine.cpu_has_native(torch.bfloat16)}
-    monkeypatch.setattr(cpu_engine, "cpu_has_native", lambda dtype: True)
-    assert packed(max_batch_size=4, pack_weights=False) == {False}
-    assert packed(max_batch_size=1) == {False}
-    assert packed(max_batch_size=4, dtype="fp32") == {False}
+    with monkeypatch.context() as m:  # float32 weights are never packed, even where bf16 is native
+        m.setattr(cpu_engine, "cpu_has_native", lambda dtype: True)
+        fp32 = load_engine(ckpt, cpu_only=True, max_batch_size=1, dtype="fp32").model
+        assert real_pack(fp32, 4) == 0
+    model = load_engine(ckpt, cpu_only=True, max_batch_size=1).model
+    linears = [m for m in model.modules() if isinstance(m, cpu_engine.CPULinear)]
+    added = real_pack(model, 4)
+    if not cpu_engine.cpu_has_native(torch.bfloat16):
+        assert added == 0 and all(m._packed is None for m in linears)
+        return
+    assert added == sum(m.weight.numel() * 2 for m in linears)
+    with torch.no_grad():
+        for m in linears:  # a batched no-grad product reads the packed copy: same values
+            assert m._packed is not None and m._packed_rows == 4
+            x = torch.randn(3, m.in_features, generator=torch.Generator().manual_seed(0)).bfloat16()
+            reference = (x.float() @ m.weight.float().T + (0 if m.bias is None else m.bias.float())).bfloat16()
+            torch.testing.assert_close(m(x), reference, atol=0.02, rtol=0.02)
+            m.weight.data = m.weight.data.clone()  # a replaced weight drops its stale copy
+            m(x)
+            assert m._packed is None
 
 
 @pytest.mark.parametrize(
