@@ -7,6 +7,12 @@ splits ``c_attn`` into ``q_proj``/``k_proj``/``v_proj`` and writes a ``config.js
 a fast tokenizer with a ChatML chat template and a ``generation_config.json`` that
 transformers, vLLM, SGLang and llama.cpp's GGUF converter read natively.
 
+GPTQ checkpoints (the official -Int4/-Int8) export to Qwen2-layout GPTQ checkpoints: the
+``qweight``/``qzeros``/``scales``/``g_idx`` of each block linear are renamed, ``c_attn``'s
+split along the output dimension (columns of ``qweight`` and ``scales``, packed int32
+columns of ``qzeros``, rows of ``bias``; ``g_idx`` copied), and the ``quantization_config``
+is carried over (:func:`qwen2_gptq_parts`).
+
 The weights are streamed: each output tensor is copied from the source files in
 blocks of rows (``BLOCK_BYTES`` at a time), so the converter's memory does not grow
 with the model. Safetensors sources are read with plain file reads (not mapped into
@@ -147,6 +153,122 @@ def qwen2_tensors(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.
             yield new_name, tensor[start:end].contiguous()
 
 
+# --------------------------------------------------------------------------- GPTQ names
+
+# The quantized linears of a Qwen-1 block -> their Qwen2 names (c_attn splits into q/k/v).
+# Qwen-1's MLP is c_proj(w1(x) * silu(w2(x))): w2 is the gate, w1 the up projection.
+_GPTQ_LINEARS = {
+    "attn.c_attn": None,
+    "attn.c_proj": "self_attn.o_proj",
+    "mlp.w2": "mlp.gate_proj",
+    "mlp.w1": "mlp.up_proj",
+    "mlp.c_proj": "mlp.down_proj",
+}
+_GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+@dataclass(frozen=True)
+class GPTQSettings:
+    """What the export needs from a GPTQ ``quantization_config``."""
+
+    bits: int
+    group_size: int  # -1: one group over all inputs
+
+    @property
+    def per_word(self) -> int:
+        """Integers packed in one int32."""
+        return 32 // self.bits
+
+    def groups(self, n_in: int) -> int:
+        return 1 if self.group_size == -1 else -(-n_in // self.group_size)
+
+
+def gptq_settings(cfg: dict) -> GPTQSettings | None:
+    """The GPTQ settings of a Qwen-1 ``config.json`` dict; None for an unquantized one.
+
+    Raises :class:`ConversionError` for other quantization methods, for packings the
+    export cannot split (``bits`` must divide 32; the ``gptq_v2`` format is refused, it
+    stores zero points without auto-gptq's offset and engines read ``gptq``) and for a
+    ``quantization_config`` that lacks ``bits`` or ``group_size``.
+    """
+    qc = cfg.get("quantization_config")
+    if not qc:
+        return None
+    if not isinstance(qc, dict):
+        raise ConversionError(f"quantization_config in config.json is a {type(qc).__name__}, not an object")
+    method = str(qc.get("quant_method", "unknown")).lower()
+    if method != "gptq":
+        raise ConversionError(
+            f"this is a quantized ({method}) checkpoint; only GPTQ checkpoints (quant_method 'gptq', the official "
+            "-Int4/-Int8) can be exported. Convert the unquantized model and quantize the Qwen2 export with your "
+            "engine's tools."
+        )
+    bits, group_size = qc.get("bits"), qc.get("group_size")
+    if bits not in (2, 4, 8):
+        raise ConversionError(
+            f"this quantized (gptq) checkpoint has bits={bits!r} in its quantization_config; the GPTQ export "
+            "splits packed int32 words and needs bits 2, 4 or 8 (the official checkpoints: 4 or 8)"
+        )
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or not (group_size == -1 or group_size > 0):
+        raise ConversionError(
+            f"this quantized (gptq) checkpoint has group_size={group_size!r} in its quantization_config; GPTQ "
+            "checkpoints state a positive group_size (or -1): restore config.json from the checkpoint's source"
+        )
+    checkpoint_format = qc.get("checkpoint_format", "gptq")
+    if checkpoint_format not in (None, "gptq"):
+        raise ConversionError(
+            f"this quantized (gptq) checkpoint is in checkpoint_format={checkpoint_format!r}; the export writes "
+            "auto-gptq's 'gptq' format that transformers and vLLM read, and takes only that format as input"
+        )
+    return GPTQSettings(bits=int(bits), group_size=int(group_size))
+
+
+def qwen2_gptq_parts(
+    name: str, shape: tuple[int, ...] | torch.Size, gptq: GPTQSettings
+) -> list[tuple[str, tuple[int, int], tuple[int, int] | None]]:
+    """``(qwen2_name, (first_row, end_row), (first_col, end_col) or None)`` for each Qwen2
+    tensor that the tensor ``name`` of this ``shape`` in a GPTQ checkpoint becomes.
+
+    The quantized linears keep their GPTQ tensors under the Qwen2 module names. ``c_attn``
+    splits into q/k/v along its output dimension, which is dim 1 of ``qweight``, ``scales``
+    and (packed ``32 / bits`` outputs per int32) ``qzeros``, and dim 0 of ``bias``; each of
+    q/k/v gets the whole ``g_idx`` (the inputs are not split). The 16-bit tensors
+    (embeddings, norms, ``lm_head``) are renamed as in the float export.
+    """
+    shape = tuple(int(n) for n in shape)
+    match = _LAYER.match(name)
+    module, _, part = match.group(2).rpartition(".") if match else ("", "", "")
+    if module not in _GPTQ_LINEARS:
+        return [(new, (start, end), None) for new, start, end in qwen2_parts(name, shape)]
+    layer = match.group(1)
+    if part not in (*_GPTQ_TENSORS, "bias"):
+        raise ConversionError(
+            f"tensor {name!r} in a GPTQ checkpoint: expected the quantized linear's qweight, qzeros, scales, g_idx "
+            "(and bias); checkpoints with some block linears left unquantized cannot be exported"
+        )
+    prefix = f"model.layers.{layer}."
+    rows = shape[0] if shape else 1
+    whole = (0, rows)
+    if module != "attn.c_attn":
+        return [(f"{prefix}{_GPTQ_LINEARS[module]}.{part}", whole, None)]
+    names = [f"{prefix}self_attn.{proj}.{part}" for proj in ("q_proj", "k_proj", "v_proj")]
+    if part == "g_idx":
+        return [(new, whole, None) for new in names]
+    width = rows if part == "bias" else shape[1] if len(shape) == 2 else 0
+    if (part == "bias") != (len(shape) == 1) or width % 3:
+        if part == "qzeros":
+            raise ConversionError(
+                f"{name} has {width} packed int32 columns, not a multiple of 3: the zero points of q, k and v "
+                f"({gptq.per_word} per int32 at bits={gptq.bits}) do not start on int32 boundaries, so they "
+                "cannot be split"
+            )
+        raise ConversionError(f"{name} has shape {list(shape)}: its output dimension does not split into q, k and v")
+    third = width // 3
+    if part == "bias":
+        return [(new, (i * third, (i + 1) * third), None) for i, new in enumerate(names)]
+    return [(new, whole, (i * third, (i + 1) * third)) for i, new in enumerate(names)]
+
+
 # --------------------------------------------------------------------------- config
 
 
@@ -155,11 +277,7 @@ def check_convertible(cfg: dict) -> None:
     if cfg.get("model_type") not in (None, "qwen"):
         raise ConversionError(f"config.json has model_type={cfg.get('model_type')!r}; expected a Qwen-1 'qwen' model")
     if cfg.get("quantization_config"):
-        method = cfg["quantization_config"].get("quant_method", "unknown")
-        raise ConversionError(
-            f"this is a quantized ({method}) checkpoint; converting -Int4/-Int8 (GPTQ) checkpoints is not "
-            "supported yet. Convert the unquantized model and quantize the Qwen2 export with your engine's tools."
-        )
+        gptq_settings(cfg)  # raises for what cannot be exported
     if float(cfg.get("rotary_pct", 1.0)) != 1.0:
         raise ConversionError(
             f"rotary_pct={cfg['rotary_pct']} < 1 (RoPE on part of each head) has no exact Qwen2 equivalent"
@@ -259,6 +377,10 @@ def qwen2_config_dict(
     }
     if legacy_scaling is not None:
         out["rope_scaling"] = legacy_scaling
+    if gptq_settings(cfg) is not None:
+        # The same format under the Qwen2 module names: transformers' GPTQ integration and vLLM
+        # quantize every linear of the blocks (model.layers) and read the settings unchanged.
+        out["quantization_config"] = dict(cfg["quantization_config"])
     return out
 
 
@@ -456,16 +578,20 @@ def _source_files(src: Path) -> list[_SourceFile]:
 
 @dataclass(frozen=True)
 class _Output:
-    """One Qwen2 tensor: rows ``start:end`` of a source tensor, stored as ``dtype``."""
+    """One Qwen2 tensor: rows ``start:end`` (and columns ``cols``, a ``(first, end)`` pair,
+    where given) of a source tensor, stored as ``dtype``."""
 
     name: str
     source: _SourceTensor
     start: int
     end: int
     dtype: torch.dtype
+    cols: tuple[int, int] | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
+        if self.cols is not None:
+            return (self.end - self.start, self.cols[1] - self.cols[0])
         return (self.end - self.start, *self.source.shape[1:]) if self.source.shape else ()
 
     @property
@@ -493,7 +619,36 @@ def _expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _expected_gptq_shapes(cfg: dict, gptq: GPTQSettings) -> dict[str, tuple[int, ...]]:
+    """The Qwen2 tensors of a GPTQ export: the float export's, each block linear's weight
+    replaced by its GPTQ tensors (the format of ``qwen.quantization``)."""
+    hidden, width, bits = int(cfg["hidden_size"]), int(cfg["intermediate_size"]) // 2, gptq.bits
+    shapes = {}
+    for name, shape in _expected_shapes(cfg).items():
+        if not name.endswith("_proj.weight"):
+            shapes[name] = shape
+            continue
+        module = name.removesuffix(".weight")
+        n_out, n_in = shape
+        for size, what in ((n_in, "input"), (n_out, "output")):
+            if size % gptq.per_word:
+                raise ConversionError(
+                    f"{module} has {size} {what}s, not a multiple of 32/bits={gptq.per_word}: it cannot be stored "
+                    f"packed at bits={bits} (is the config.json of another model? hidden_size={hidden}, "
+                    f"intermediate_size/2={width})"
+                )
+        groups = gptq.groups(n_in)
+        shapes[module + ".qweight"] = (n_in * bits // 32, n_out)
+        shapes[module + ".qzeros"] = (groups, n_out * bits // 32)
+        shapes[module + ".scales"] = (groups, n_out)
+        shapes[module + ".g_idx"] = (n_in,)
+    return shapes
+
+
 def _plan(files: list[_SourceFile], cfg: dict, dtype: torch.dtype | None) -> list[_Output]:
+    gptq = gptq_settings(cfg)
+    if gptq is not None:
+        return _plan_gptq(files, cfg, dtype, gptq)
     tied = bool(cfg.get("tie_word_embeddings", False))
     outputs: list[_Output] = []
     seen: dict[str, Path] = {}
@@ -523,6 +678,55 @@ def _plan(files: list[_SourceFile], cfg: dict, dtype: torch.dtype | None) -> lis
     wrong = [f"{name} {got[name]} (config says {shape})" for name, shape in expected.items() if got[name] != shape]
     if wrong:
         raise ConversionError(f"tensor shapes disagree with config.json: {wrong[:3]}")
+    return outputs
+
+
+def _plan_gptq(files: list[_SourceFile], cfg: dict, dtype: torch.dtype | None, gptq: GPTQSettings) -> list[_Output]:
+    """The plan of a GPTQ checkpoint: the GPTQ tensors (and the quantized linears' biases)
+    keep their stored dtypes; ``dtype`` applies to the 16-bit embeddings, norms and head."""
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    outputs: list[_Output] = []
+    seen: dict[str, Path] = {}
+    for file in files:
+        for tensor in file.tensors():
+            if _SKIPPED.search(tensor.name) or (tied and tensor.name == "lm_head.weight"):
+                logger.debug("skipping %s", tensor.name)
+                continue
+            if tensor.name in seen:
+                raise ConversionError(f"tensor {tensor.name} appears in both {seen[tensor.name]} and {file.path}")
+            seen[tensor.name] = file.path
+            for name, (start, end), cols in qwen2_gptq_parts(tensor.name, tensor.shape, gptq):
+                quantized = name.rsplit(".", 2)[-2].endswith("_proj")
+                if not quantized and not tensor.dtype.is_floating_point:
+                    raise ConversionError(f"tensor {tensor.name} in {file.path} is {tensor.dtype}, not floating point")
+                out_dtype = tensor.dtype if quantized else dtype or tensor.dtype
+                outputs.append(_Output(name, tensor, start, end, out_dtype, cols))
+    expected = _expected_gptq_shapes(cfg, gptq)
+    got = {output.name: output for output in outputs}
+    missing = sorted(set(expected) - set(got))
+    if missing:
+        raise ConversionError(
+            f"the GPTQ checkpoint is incomplete: {len(missing)} tensors missing, e.g. {missing[:3]} "
+            "(a GPTQ checkpoint stores qweight, qzeros, scales and g_idx for every linear of the blocks)"
+        )
+    extra = sorted(set(got) - set(expected))
+    if extra:
+        raise ConversionError(f"tensors beyond num_hidden_layers={cfg['num_hidden_layers']}: {extra[:3]}")
+    wrong = [
+        f"{name} {list(got[name].shape)} (config says {list(shape)})"
+        for name, shape in expected.items()
+        if got[name].shape != shape
+    ]
+    if wrong:
+        raise ConversionError(
+            f"tensor shapes disagree with config.json (bits={gptq.bits}, group_size={gptq.group_size}): {wrong[:3]}"
+        )
+    for output in outputs:
+        kind = output.name.rsplit(".", 1)[1]
+        if kind in ("qweight", "qzeros", "g_idx") and output.dtype != torch.int32:
+            raise ConversionError(f"{output.source.name} is {output.dtype}; GPTQ stores {kind} as int32")
+        if kind == "scales" and not output.dtype.is_floating_point:
+            raise ConversionError(f"{output.source.name} is {output.dtype}; GPTQ stores scales as 16-bit floats")
     return outputs
 
 
@@ -562,7 +766,10 @@ def _write_shard(path: Path, outputs: list[_Output], progress: Any, closing: dic
             source = output.source
             step = max(1, BLOCK_BYTES // max(1, source.row_bytes)) if source.shape else 1
             for start in range(output.start, output.end, step):
-                block = source.read_rows(start, min(start + step, output.end)).to(output.dtype).contiguous()
+                block = source.read_rows(start, min(start + step, output.end))
+                if output.cols is not None:
+                    block = block[:, output.cols[0] : output.cols[1]]
+                block = block.to(output.dtype).contiguous()
                 handle.write(block.reshape(-1).view(torch.uint8).numpy().data)
                 del block
             closing[source.file] -= 1
@@ -721,7 +928,10 @@ def convert_qwen2(
     for path in sorted(src.iterdir()):
         if path.is_file() and path.name.upper().startswith(("LICENSE", "NOTICE")):
             shutil.copyfile(path, dst / path.name)
-    logger.info("wrote a Qwen2ForCausalLM %s checkpoint to %s", "chat" if chat else "base", dst)
+    kind = "chat" if chat else "base"
+    if "quantization_config" in config:
+        kind += f" {config['quantization_config']['bits']}-bit GPTQ"
+    logger.info("wrote a Qwen2ForCausalLM %s checkpoint to %s", kind, dst)
     return dst
 
 
