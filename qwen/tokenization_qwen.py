@@ -210,20 +210,21 @@ class QWenTokenizer(PreTrainedTokenizer):
             "Qwen", pat_str=PAT_STR, mergeable_ranks=self.mergeable_ranks, special_tokens=SPECIAL_TOKENS
         )
         self._decoder: dict[int, bytes] = {rank: token for token, rank in self.mergeable_ranks.items()}
+        # The underlying encoding under its official name. A plain attribute, as in the official
+        # code, not a property: wrappers that delegate every attribute to a ``.tokenizer`` they
+        # hold (gptqmodel's Tokenicer subclasses the wrapped class) recursed forever through
+        # a property reading ``self._encoding``.
+        self.tokenizer: tiktoken.Encoding = self._encoding
 
     def __getstate__(self) -> dict[str, Any]:
-        return {key: value for key, value in self.__dict__.items() if key not in ("_encoding", "_decoder")}
+        runtime = ("_encoding", "_decoder", "tokenizer")
+        return {key: value for key, value in self.__dict__.items() if key not in runtime}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._build_runtime()
 
     # ------------------------------------------------------------ vocabulary
-
-    @property
-    def tokenizer(self) -> tiktoken.Encoding:
-        """The underlying ``tiktoken.Encoding`` (attribute name kept from the official code)."""
-        return self._encoding
 
     @property
     def special_tokens(self) -> dict[str, int]:

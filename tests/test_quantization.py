@@ -9,6 +9,7 @@ docs/quantization.md states it), independently of gptqmodel's writer and of
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import subprocess
 import sys
@@ -140,6 +141,29 @@ def test_official_gptq_checkpoint_logits_match_dequantized_float_model(gptq_pair
     with torch.no_grad():
         logits, expected = model(ids).logits, ref(ids).logits
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_gptqmodel_tokenizer_wrapper_delegates_to_qwen_tokenizer(fp32_tiny):
+    """gptqmodel wraps tokenizers in tokenicer's Tokenicer (``GPTQModel.load``/``quantize``
+    call ``Tokenicer.load(tokenizer, model_config=...)``): a subclass of the tokenizer's
+    class that sends every attribute to the ``.tokenizer`` it holds. With ``tokenizer`` a
+    property of QWenTokenizer reading ``self._encoding`` that recursed forever."""
+    tokenicer = pytest.importorskip("tokenicer", reason="the gptq extra (gptqmodel, tokenicer) is not installed")
+    from qwen import QWenConfig
+
+    tokenizer = QWenTokenizer.from_pretrained(fp32_tiny)
+    config = QWenConfig.from_pretrained(fp32_tiny)
+    wrapped = tokenicer.Tokenicer.load(tokenizer, trust_remote_code=True, model_config=config)
+    assert isinstance(wrapped, QWenTokenizer) and wrapped.tokenizer is tokenizer
+    text = "GPTQ <|im_start|>user\nhé<|im_end|>"
+    assert wrapped.encode(text) == tokenizer.encode(text) == tokenizer.tokenizer.encode(text, allowed_special="all")
+    assert wrapped(text)["input_ids"] == tokenizer.encode(text)
+    assert wrapped.decode(tokenizer.encode(text)) == text
+    # Tokenicer gives the tokenizer a pad token: Qwen's <|endoftext|>, the config's pad id
+    assert wrapped.pad_token_id == tokenizer.pad_token_id == config.pad_token_id == 151643
+    # the official attribute (the tiktoken encoding) survives pickling, as the tokenizer does
+    clone = pickle.loads(pickle.dumps(tokenizer))
+    assert clone.tokenizer.n_vocab == tokenizer.tokenizer.n_vocab and clone.encode(text) == tokenizer.encode(text)
 
 
 # --------------------------------------------------------------------------- run_gptq.py
