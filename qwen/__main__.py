@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert an official-layout Qwen-1 checkpoint (model.safetensors, sharded safetensors or "
         "pytorch_model*.bin) into a standard Qwen2ForCausalLM checkpoint: renamed weights with c_attn split "
         "into q/k/v, a model_type 'qwen2' config.json, a fast tokenizer (tokenizer.json) with the ChatML chat "
-        "template and a generation_config.json. Within seq_length the export computes the same function. "
+        "template and a generation_config.json. GPTQ Int4/Int8 checkpoints export as Qwen2 GPTQ checkpoints "
+        "(c_attn's packed tensors split, integers unchanged). Within seq_length the export computes the same function. "
         "Weights are streamed tensor by tensor. See docs/export.md.",
     )
     p.add_argument("src_dir", help="an official-layout Qwen-1 checkpoint directory")

@@ -446,7 +446,21 @@ def test_parse_size():
     [
         ({"rotary_pct": 0.5}, "rotary_pct"),
         ({"no_bias": False}, "no_bias"),
-        ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, r"quantized \(gptq\)"),
+        # GPTQ checkpoints export (tests/test_convert_gptq.py), but not other methods or unsplittable packings
+        ({"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128}}, r"quantized \(awq\)"),
+        ({"quantization_config": {"quant_method": "gptq", "bits": 3, "group_size": 128}}, "bits=3"),
+        ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "group_size=None"),
+        (
+            {
+                "quantization_config": {
+                    "quant_method": "gptq",
+                    "bits": 4,
+                    "group_size": 128,
+                    "checkpoint_format": "gptq_v2",
+                }
+            },
+            "gptq_v2",
+        ),
         ({"scale_attn_weights": False}, "scale_attn_weights"),
         ({"kv_channels": 8}, "kv_channels"),
         ({"model_type": "llama"}, "model_type"),
@@ -471,10 +485,10 @@ def test_config_dict_refuses_inexact_configs(tiny_dir, changes, words):
 
 
 def test_cli_refusal_is_a_clear_message(tmp_path, tiny_dir, capsys):
-    src = copy_config_only(tiny_dir, tmp_path / "src", quantization_config={"quant_method": "gptq"})
+    src = copy_config_only(tiny_dir, tmp_path / "src", quantization_config={"quant_method": "awq"})
     assert main(["convert-qwen2", str(src), str(tmp_path / "dst")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "GPTQ" in err and "Traceback" not in err
+    assert err.startswith("error: ") and "only GPTQ checkpoints" in err and "Traceback" not in err
 
 
 def test_refuses_existing_destination_unless_forced(tmp_path, tiny_dir, export_base):
