@@ -8,6 +8,7 @@ DeepSpeed ZeRO-2/3 or plain DDP; and merging a LoRA adapter into a standalone ch
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -108,8 +109,9 @@ class LoraArguments:
     q_lora: bool = dataclasses.field(
         default=False,
         metadata={
-            "help": "Q-LoRA: LoRA on the checkpoint quantized on the fly to 4-bit NF4 with bitsandbytes "
-            "(implies --use_lora)."
+            "help": "Q-LoRA (implies --use_lora): LoRA on a GPTQ checkpoint (the official -Int4/-Int8, needs "
+            "optimum and gptqmodel) as stored, or on a float checkpoint quantized on the fly to 4-bit NF4 "
+            "with bitsandbytes."
         },
     )
     lora_r: int = dataclasses.field(default=64, metadata={"help": "LoRA rank."})
@@ -251,32 +253,52 @@ def _dtype(training_args) -> torch.dtype:
     return torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
 
 
+def _qlora_quantization(model_name_or_path: str, training_args, dtype: torch.dtype):
+    """The ``quantization_config`` Q-LoRA loads the checkpoint with: a GPTQ checkpoint (the
+    official -Int4/-Int8) as stored, through gptqmodel's kernels that support training
+    (peft wraps them in ``GPTQLoraLinear``); a float checkpoint quantized on the fly to NF4
+    by bitsandbytes."""
+    from transformers import AutoConfig, BitsAndBytesConfig
+
+    config = AutoConfig.from_pretrained(model_name_or_path, cache_dir=training_args.cache_dir)
+    stored = getattr(config, "quantization_config", None)
+    if stored is not None:
+        stored = stored if isinstance(stored, dict) else stored.to_dict()
+        method = stored.get("quant_method")
+        if method != "gptq":
+            raise ValueError(
+                f"{model_name_or_path} is quantized with {method!r}; Q-LoRA takes a GPTQ checkpoint (the official "
+                "-Int4/-Int8) or a float one (quantized to NF4 on the fly)"
+            )
+        if importlib.util.find_spec("gptqmodel") is None or importlib.util.find_spec("optimum") is None:
+            raise ImportError(
+                f"{model_name_or_path} is a GPTQ checkpoint: Q-LoRA on it needs optimum and gptqmodel "
+                '(pip install "qwen1[gptq]")'
+            )
+        from transformers import GPTQConfig
+
+        # "auto_trainable": gptqmodel's fastest kernel with a backward pass (on CPU its torch kernels)
+        return GPTQConfig(bits=stored["bits"], backend="auto_trainable")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
 def load_model(model_args: ModelArguments, training_args, lora_args: LoraArguments, base_model: bool):
-    """The model to train: the checkpoint in the training dtype, or quantized to NF4 for
-    Q-LoRA, wrapped in a LoRA adapter when asked."""
+    """The model to train: the checkpoint in the training dtype, or quantized for Q-LoRA
+    (GPTQ as stored, else NF4), wrapped in a LoRA adapter when asked."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     dtype = _dtype(training_args)
     kwargs: dict[str, Any] = {"dtype": dtype, "cache_dir": training_args.cache_dir}
     if lora_args.q_lora:
-        from transformers import AutoConfig, BitsAndBytesConfig
-
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=training_args.cache_dir)
-        if getattr(config, "quantization_config", None) is not None:
-            raise NotImplementedError(
-                f"{model_args.model_name_or_path} is a quantized (GPTQ Int4) checkpoint: Q-LoRA on those needs "
-                "the GPTQ loader, which is not available yet. Use the bf16 checkpoint with --q_lora (quantized "
-                "to NF4 on the fly by bitsandbytes)."
-            )
         if is_deepspeed_zero3_enabled():
             raise ValueError("Q-LoRA does not work with ZeRO-3; use finetune/ds_config_zero2.json")
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
+        kwargs["quantization_config"] = _qlora_quantization(model_args.model_name_or_path, training_args, dtype)
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK") or 0)}
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
@@ -436,7 +458,7 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "auto"
     base checkpoint's stored dtype, or bf16/fp16/fp32) is that of the written weights.
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     adapter = Path(adapter_dir)
     config_path = adapter / "adapter_config.json"
@@ -450,6 +472,11 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "auto"
     out = Path(out_dir)
     if out.resolve() == adapter.resolve():
         raise ValueError("the merged checkpoint must go to another directory than the adapter")
+    if getattr(AutoConfig.from_pretrained(base), "quantization_config", None) is not None:
+        raise ValueError(
+            f"the base {base} is quantized (Q-LoRA): LoRA weights cannot be merged into quantized weights; "
+            "merge into the float checkpoint it was quantized from (--base PATH)"
+        )
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
     model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     out.mkdir(parents=True, exist_ok=True)

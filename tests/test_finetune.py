@@ -1,6 +1,7 @@
 """Finetuning runs on CPU with tiny fp32 checkpoints: finetune.py with LoRA (learns a tiny data
-set; merge-lora), the finetune/ scripts under real DeepSpeed (ZeRO-2 LoRA, ZeRO-3 full), NF4
-Q-LoRA, and malformed data rejected before anything loads."""
+set; merge-lora, whose output also runs as plain remote code), the finetune/ scripts under real
+DeepSpeed (ZeRO-2 LoRA in two processes, ZeRO-3 full), Q-LoRA on NF4 and on an Int4 GPTQ
+checkpoint, and malformed data rejected before anything loads."""
 
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ SMALL = ["--model_max_length", "128", "--report_to", "none", "--disable_tqdm", "
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft not installed")
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+needs_gptq = pytest.mark.skipif(
+    importlib.util.find_spec("gptqmodel") is None or importlib.util.find_spec("optimum") is None,
+    reason="the gptq extra (optimum, gptqmodel) is not installed",
+)
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +132,35 @@ def test_lora_learns_and_merges(ckpts, data_file, tmp_path):
         torch.testing.assert_close(merged(ids).logits, adapted(input_ids=ids).logits, atol=1e-5, rtol=0)
     assert chats(merged, AutoTokenizer.from_pretrained(merged_dir)) == [answer for *_, answer in QUESTIONS]
 
+    # the merged directory stands alone: plain transformers with its own remote code, the
+    # qwen package made unimportable, computes the adapter model's logits
+    torch.save(ids, tmp_path / "ids.pt")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    args = [sys.executable, "-I", "-c", REMOTE_CODE_LOGITS, str(merged_dir), str(tmp_path), str(REPO)]
+    result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        expected = adapted(input_ids=ids).logits
+    torch.testing.assert_close(torch.load(tmp_path / "remote_logits.pt"), expected, atol=1e-5, rtol=0)
+
+
+# Run with python -I (no current directory, PYTHONPATH or user site on sys.path) in a
+# directory outside the repository; the editable install's import hook is defeated by
+# the sys.modules entry: `import qwen` raises ImportError, only the checkpoint's code runs.
+REMOTE_CODE_LOGITS = """
+import sys
+sys.modules["qwen"] = None
+import torch
+from transformers import AutoModelForCausalLM
+ckpt, work = sys.argv[1], sys.argv[2]
+assert sys.argv[3] not in sys.path and "" not in sys.path, sys.path  # nor the repository on the path
+model = AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True, dtype=torch.float32).eval()
+assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+assert sys.modules["qwen"] is None and not [name for name in sys.modules if name.startswith("qwen.")]
+with torch.no_grad():
+    torch.save(model(torch.load(work + "/ids.pt")).logits, work + "/remote_logits.pt")
+"""
+
 
 def test_malformed_data_rejected_before_loading(ckpts, tmp_path):
     bad = tmp_path / "bad.jsonl"
@@ -169,9 +203,11 @@ def test_deepspeed_zero2_lora_script(ckpts, data_file, tmp_path):
     from transformers import AutoTokenizer, GenerationConfig
 
     out = tmp_path / "lora"
-    script("finetune_lora_ds.sh", ckpts["chat"], data_file, out, "--num_train_epochs", "2", "--lora_r", "8")
+    # two CPU processes (gloo): 3 samples, 1 per process and step, make 2 steps an epoch (one process: 3)
+    script("finetune_lora_ds.sh", ckpts["chat"], data_file, out, "--num_train_epochs", "2", "--lora_r", "8", procs=2)
     curve = losses(out)
-    assert len(curve) == 6 and all(torch.isfinite(torch.tensor(curve)))
+    assert len(curve) == 4 and all(torch.isfinite(torch.tensor(curve)))
+    assert json.loads((out / "trainer_state.json").read_text())["max_steps"] == 4
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["modules_to_save"] is None  # a chat checkpoint: LoRA only
     model = AutoPeftModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -213,3 +249,47 @@ def test_qlora_nf4_on_cpu(ckpts, data_file, tmp_path):
     assert len(curve) == 3 and all(torch.isfinite(torch.tensor(curve)))
     assert PeftConfig.from_pretrained(out).r == 8
     assert (out / "adapter_model.safetensors").is_file()
+
+
+@needs_gptq
+@needs_peft
+def test_qlora_from_gptq_int4_checkpoint(ckpts, data_file, tmp_path):
+    """Q-LoRA from an official-layout Int4 checkpoint (as the original did on CUDA; here
+    gptqmodel's torch kernels on CPU): the loss falls, and the saved adapter on the Int4
+    model computes what the same adapter merged into the dequantized float weights does."""
+    from peft import PeftModel
+    from test_quantization import official_layout_pair
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
+
+    from qwen.training import merge_lora
+
+    int4, ref = official_layout_pair(ckpts["chat"], tmp_path / "int4", tmp_path / "ref", 4)
+    out = tmp_path / "qlora"
+    run([sys.executable, "finetune.py", "--model_name_or_path", str(int4), "--data_path", str(data_file),
+         "--output_dir", str(out), "--q_lora", "True", "--lora_r", "8", "--lora_dropout", "0",
+         "--num_train_epochs", "6", "--per_device_train_batch_size", "3", "--learning_rate", "1e-2",
+         "--lr_scheduler_type", "constant", "--logging_steps", "1", "--gradient_checkpointing", "True",
+         *SMALL])  # fmt: skip
+    curve = losses(out)
+    assert len(curve) == 6 and all(torch.isfinite(torch.tensor(curve))) and curve[-1] < 0.75 * curve[0], curve
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(int4)
+
+    ids = AutoTokenizer.from_pretrained(out)(["What is the capital of Zorbia?"], return_tensors="pt")["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(
+        int4, dtype=torch.float32, quantization_config=GPTQConfig(bits=4, backend="gptq_torch")
+    ).eval()
+    assert hasattr(model.transformer.h[0].attn.c_attn, "qweight")
+    with torch.no_grad():
+        before = model(ids).logits
+        adapted = PeftModel.from_pretrained(model, out).eval()
+        assert type(adapted.base_model.model.transformer.h[0].attn.c_attn).__name__ == "GPTQLoraLinear"
+        after = adapted(input_ids=ids).logits
+        assert (after - before).abs().max() > 0.1  # the adapter changes the Int4 model
+
+    # merge-lora refuses the Int4 base and merges into the float weights it stands for
+    with pytest.raises(ValueError, match="quantized"):
+        merge_lora(out, tmp_path / "merged")
+    merged_dir = merge_lora(out, tmp_path / "merged", base=str(ref))
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(after, merged(ids).logits, atol=1e-4, rtol=0)
