@@ -40,7 +40,29 @@ NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-localhost}"
 MASTER_PORT="${MASTER_PORT:-6001}"
 
-# launch ARGS...: finetune.py with the paths, ARGS (the recipe) and the extra arguments.
+# The settings every recipe shares (the original's): bf16, 5 epochs, weight decay 0.1, Adam
+# beta2 0.95, 1% warmup (a ratio in transformers 5) then a cosine schedule, 512 tokens,
+# gradient checkpointing, lazy preprocessing, a checkpoint every 1000 steps (10 kept).
+COMMON_ARGS=(
+    --bf16 True
+    --num_train_epochs 5
+    --per_device_eval_batch_size 1
+    --save_strategy steps
+    --save_steps 1000
+    --save_total_limit 10
+    --weight_decay 0.1
+    --adam_beta2 0.95
+    --warmup_steps 0.01
+    --lr_scheduler_type cosine
+    --logging_steps 1
+    --report_to none
+    --model_max_length 512
+    --gradient_checkpointing True
+    --lazy_preprocess True
+)
+
+# launch ARGS...: finetune.py with the paths, the shared settings, ARGS (the recipe's own)
+# and the extra arguments; a later argument overrides an earlier one.
 launch() {
     "$PYTHON" -m torch.distributed.run \
         --nproc_per_node "$GPUS_PER_NODE" \
@@ -52,6 +74,7 @@ launch() {
         --model_name_or_path "$MODEL" \
         --data_path "$DATA" \
         --output_dir "$OUTPUT" \
+        "${COMMON_ARGS[@]}" \
         "$@" \
         "${EXTRA_ARGS[@]}"
 }
