@@ -97,6 +97,12 @@ _BLOCK_FIELDS = (
 _BLOCK_REALS = ("ln_1_eps", "ln_2_eps", "scaling")
 
 
+def prototype(symbol: str, arguments) -> str:
+    """The C prototype of an exported ``void`` function taking the declared ``arguments``."""
+    parameters = (f"{c_type}{'' if c_type.endswith('*') else ' '}{argument}" for argument, c_type in arguments)
+    return f"void {symbol}({', '.join(parameters)});\n"
+
+
 def _source(entry_points=_ENTRY_POINTS, block_fields=_BLOCK_FIELDS, block_reals=_BLOCK_REALS) -> str:
     """The C source as compiled: a header generated from the declarations (the entry points'
     prototypes, the table's field enums), then the definitions."""
@@ -104,11 +110,7 @@ def _source(entry_points=_ENTRY_POINTS, block_fields=_BLOCK_FIELDS, block_reals=
     def enum(prefix: str, names) -> str:
         return "enum { " + "".join(f"{prefix}_{name.upper()}, " for name in names) + f"{prefix}_FIELDS }};\n"
 
-    def prototype(name: str, arguments) -> str:
-        parameters = (f"{c_type}{'' if c_type.endswith('*') else ' '}{argument}" for argument, c_type in arguments)
-        return f"void qwen_{name}_bf16({', '.join(parameters)});\n"
-
-    prototypes = "".join(prototype(name, arguments) for name, arguments in entry_points.items())
+    prototypes = "".join(prototype(f"qwen_{name}_bf16", arguments) for name, arguments in entry_points.items())
     header = "#include <stdint.h>\n" + prototypes + enum("B", block_fields) + enum("R", block_reals)
     return "/* generated from cpu_kernels.py's declarations */\n" + header + _DEFINITIONS
 
@@ -441,17 +443,18 @@ def _fallback_dir() -> Path | None:
     return directory
 
 
-def _build(compiler: str) -> Path:
-    """The kernel's shared library: from the cache, else compiled into it (or into a
-    private temporary directory when the cache directory cannot be written)."""
+def _build(compiler: str, source: str = _SOURCE, flags: list[str] = _FLAGS, stem: str = "cpu_kernels") -> Path:
+    """A shared library of C ``source`` (these kernels by default): from the cache, else
+    compiled into it (or into a private temporary directory when the cache directory
+    cannot be written)."""
     key = hashlib.sha256(
-        "\0".join([_SOURCE, " ".join(_FLAGS), compiler, _cpu_signature(), sys.platform]).encode()
+        "\0".join([source, " ".join(flags), compiler, _cpu_signature(), sys.platform]).encode()
     ).hexdigest()[:24]
-    name = f"cpu_kernels_{key}.so"
+    name = f"{stem}_{key}.so"
     if (cache_dir() / name).exists():
         return cache_dir() / name
     try:
-        return _compile(compiler, cache_dir(), name)
+        return _compile(compiler, cache_dir(), name, source, flags)
     except OSError as error:
         fallback = _fallback_dir()
         if fallback is None:
@@ -459,7 +462,7 @@ def _build(compiler: str) -> Path:
         logger.info("kernel cache %s not writable (%s); using %s", cache_dir(), error, fallback)
         if (fallback / name).exists():
             return fallback / name
-        return _compile(compiler, fallback, name)
+        return _compile(compiler, fallback, name, source, flags)
 
 
 def _run_compiler(compiler: str, source: str, target: Path, flags: list[str]) -> None:
@@ -474,26 +477,28 @@ def _run_compiler(compiler: str, source: str, target: Path, flags: list[str]) ->
         raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
 
 
-def _compile(compiler: str, directory: Path, name: str) -> Path:
+def _compile(compiler: str, directory: Path, name: str, source: str = _SOURCE, flags: list[str] = _FLAGS) -> Path:
     target = directory / name
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         built = Path(tmp) / name
-        _run_compiler(compiler, _SOURCE, built, _FLAGS)
+        _run_compiler(compiler, source, built, flags)
         os.replace(built, target)  # atomic: concurrent builders each install a complete file
     return target
 
 
-def _entry_point(library: ctypes.CDLL, name: str, arguments: tuple[tuple[str, str], ...]):
-    """``qwen_<name>_bf16`` of ``library`` with its declared argument types, as a Python function
-    taking exactly the declared arguments, by keyword (generated: Python checks the names)."""
-    function = getattr(library, f"qwen_{name}_bf16")
+def _entry_point(library: ctypes.CDLL, name: str, arguments: tuple[tuple[str, str], ...], symbol: str | None = None):
+    """``qwen_<name>_bf16`` (or ``symbol``) of ``library`` with its declared argument types, as
+    a Python function taking exactly the declared arguments, by keyword (generated: Python
+    checks the names)."""
+    symbol = symbol or f"qwen_{name}_bf16"
+    function = getattr(library, symbol)
     function.argtypes = [_CTYPES.get(c_type, ctypes.c_void_p) for _, c_type in arguments]
     function.restype = None
     names = ", ".join(argument for argument, _ in arguments)
     namespace = {"function": function}
-    exec(f"def qwen_{name}_bf16(*, {names}) -> None:\n    function({names})", namespace)
-    return namespace[f"qwen_{name}_bf16"]
+    exec(f"def {symbol}(*, {names}) -> None:\n    function({names})", namespace)
+    return namespace[symbol]
 
 
 @functools.cache
