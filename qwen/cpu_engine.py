@@ -12,6 +12,9 @@ extension points:
   oneDNN-packed weight after :func:`pack_for_cpu_batches`, or in float32 where the CPU has
   no native half-precision matmul), :class:`CPURMSNorm` (the C norm) and :class:`CPUMLP`
   (both products and the gate of one row in one C call);
+- **GPTQ linears**: gptqmodel's ``TorchLinear`` modules (the ``gptq_torch`` backend) take
+  one row through the C kernel on their packed int4/int8 weights (:class:`CPUGPTQRow`,
+  ``gptq_kernels.py``); the decoding step then runs block by block;
 - **attention**: one query row per sequence over the cache, in half precision, goes
   through the C kernel (or float32 attention) instead of torch's SDPA, registered as this
   model file's local ``"sdpa"`` (``modeling_qwen.QWEN_ATTENTION_FUNCTIONS``);
@@ -35,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import sys
 import threading
 import types
 
@@ -47,6 +51,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cpu_kernels import BlockParts, BlockSteps, Norm, Product, decode_attention, linear_row, rms_norm, swiglu_row
 from .cpu_memory import place_weights
+from .gptq_kernels import quant_linear_row
 from .kv_cache import GrowingLayer
 from .modeling_qwen import (
     QWEN_ATTENTION_FUNCTIONS,
@@ -277,6 +282,31 @@ def pack_for_cpu_batches(model: nn.Module, rows: int) -> int:
     return added
 
 
+# --------------------------------------------------------------------------- GPTQ linears
+
+
+class CPUGPTQRow:
+    """Mixed into gptqmodel's ``TorchLinear`` (the ``gptq_torch`` backend) by :func:`install`:
+    one row in inference goes through the C kernel on the packed weights
+    (:func:`.gptq_kernels.quant_linear_row`); everything else through the library's code."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = quant_linear_row(self, x)
+        return super().forward(x) if out is None else out
+
+
+@functools.cache
+def _gptq_row_class(base: type) -> type:
+    return type(f"CPU{base.__name__}", (CPUGPTQRow, base), {"__module__": __name__})
+
+
+def _gptq_swap(cls: type) -> type | None:
+    """The class a gptqmodel quant linear of exactly ``cls`` becomes, or None. gptqmodel is
+    not imported here: a model holding its modules has imported it already."""
+    torch_backend = sys.modules.get("gptqmodel.nn_modules.qlinear.torch")
+    return _gptq_row_class(cls) if torch_backend is not None and cls is torch_backend.TorchLinear else None
+
+
 # --------------------------------------------------------------------------- attention
 
 
@@ -423,7 +453,7 @@ def install(model: nn.Module) -> nn.Module:
         return model
     place_weights(model)
     for module in model.modules():
-        swap = _SWAPS.get(type(module))
+        swap = _SWAPS.get(type(module)) or _gptq_swap(type(module))
         if swap is not None:
             module.__class__ = swap
     QWEN_ATTENTION_FUNCTIONS["sdpa"] = one_row_sdpa
@@ -444,7 +474,7 @@ def uninstall(model: nn.Module) -> nn.Module:
         return model
     plain = {swap: base for base, swap in _SWAPS.items()}
     for module in model.modules():
-        base = plain.get(type(module))
+        base = plain.get(type(module)) or (type(module).__bases__[1] if isinstance(module, CPUGPTQRow) else None)
         if base is not None:
             module.__class__ = base
             module.__dict__.pop("_packed", None)

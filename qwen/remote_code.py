@@ -24,6 +24,7 @@ REMOTE_CODE_FILES = (
     "cpu_engine.py",
     "cpu_kernels.py",
     "cpu_memory.py",
+    "gptq_kernels.py",
     "loading.py",
     "modeling_qwen.py",
     "tokenization_qwen.py",

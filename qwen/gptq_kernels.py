@@ -1,0 +1,374 @@
+"""A C kernel for one-row (decoding) products on GPTQ int2/int4/int8 weights on CPU.
+
+A decoding step multiplies one row by every weight matrix, so its speed is the speed at
+which the weights stream from memory; GPTQ weights are a quarter (int4) or half (int8) of
+the bytes of 16-bit ones, but gptqmodel's CPU path dequantizes each whole matrix to 16 bits
+first and multiplies after. :func:`gptq_row` reads the packed integers once instead:
+
+    ``y[o] = bias[o] + sum_g scales[g, o] * (sum_{i in g} x[i] q[o, i] - z[g, o] sum_{i in g} x[i])``
+
+(the format of ``quantization.py``'s docstring: ``qweight`` packed along the input,
+``qzeros`` along the output, float16 ``scales``; groups of ``group_size`` consecutive
+inputs, ``g_idx == i // group_size``), which is ``x @ W.T + bias`` for the exact
+dequantized weight ``W[o, i] = scales[g, o] * (q[o, i] - z[g, o])`` regrouped: every product
+and sum in float32 (products ``x[i] q[o, i]`` exact for bf16/fp16 inputs), the result
+rounded once to the input's dtype (float32, bfloat16 or float16). It differs from the
+product with ``W`` only by float32 rounding in the sums (tested within 1e-6 of their
+size); gptqmodel instead rounds each ``W[o, i]`` to float16 before multiplying. The
+outputs are spread over threads (OpenMP) in contiguous column ranges, each streaming its
+rows of ``qweight`` in order; the loops are written for the compiler to vectorize with
+``-march=native`` (AVX2; AVX-512, 16 columns at a time, where the CPU has it; plain C
+elsewhere). Each weight costs a mask, a conversion and an FMA: on two AVX2 cores that is
+compute-bound, about 22 G weights/s (docs/performance.md).
+
+:func:`quant_linear_row` applies it to a gptqmodel quant-linear module (``TorchLinear``,
+the ``gptq_torch`` backend) as loaded, where it fits; ``cpu_engine.install`` hooks it in.
+
+The boundary follows ``cpu_kernels.py``: the entry points are declared once below
+(``_ENTRY_POINTS``, with the dtype codes ``_DTYPES``), a header of prototypes and enums is
+generated from them and compiled ahead of the definitions, and the library is built with
+``cpu_kernels``' helpers into the same cache (``QWEN_CPU_KERNELS=0`` turns it off too).
+
+Part of the self-contained remote-code set: imports its siblings relatively only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import platform
+from types import SimpleNamespace
+
+import torch
+
+from . import cpu_kernels
+from .cpu_kernels import _I64, _INT, _compiler, _entry_point, enabled, prototype
+
+logger = logging.getLogger(__name__)
+
+_CPU = torch.device("cpu")
+
+# The dtypes the kernel reads and writes, as the C enum DT_<NAME> (in this order).
+_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_DTYPE_NAMES = tuple(_DTYPES.values())
+_DTYPE_CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
+BITS = (2, 4, 8)
+
+_ENTRY_POINTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "gptq_row": (
+        ("x", "const void *"), ("x_dtype", _INT), ("qweight", "const int32_t *"), ("qzeros", "const int32_t *"),
+        ("scales", "const uint16_t *"), ("bias", "const void *"), ("bias_dtype", _INT), ("out", "void *"),
+        ("N", _I64), ("K", _I64), ("group_size", _I64), ("bits", _INT), ("zero_add", _INT), ("threads", _INT),
+        ("scratch", "float *"),
+    ),
+}  # fmt: skip
+
+
+def _symbol(name: str) -> str:
+    return f"qwen_{name}"
+
+
+def _source(entry_points=_ENTRY_POINTS, dtypes=_DTYPE_NAMES) -> str:
+    """The C source as compiled: a header generated from the declarations, then the definitions."""
+    prototypes = "".join(prototype(_symbol(name), arguments) for name, arguments in entry_points.items())
+    enum = "enum { " + "".join(f"DT_{name}, " for name in dtypes) + "DT_COUNT };\n"
+    header = "#include <stdint.h>\n" + prototypes + enum
+    return "/* generated from gptq_kernels.py's declarations */\n" + header + _DEFINITIONS
+
+
+_DEFINITIONS = r"""
+#include <math.h>
+#include <string.h>
+
+/* Columns one thread takes at a time: its accumulators (three arrays of this many) stay in L1. */
+#define CHUNK 1024
+
+static inline float bf16_to_float(uint16_t v) {
+    union { uint32_t u; float f; } c;
+    c.u = (uint32_t)v << 16;
+    return c.f;
+}
+
+static inline uint16_t float_to_bf16(float f) {  /* round to nearest even; NaN stays NaN */
+    union { uint32_t u; float f; } c;
+    c.f = f;
+    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((c.u >> 16) | 0x40);
+    return (uint16_t)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
+}
+
+static inline float half_to_float(uint16_t h) {  /* exact */
+    union { uint32_t u; float f; } c;
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+    if (exponent == 0) {  /* zero or subnormal: mantissa * 2^-24 */
+        c.f = (float)mantissa * 5.9604644775390625e-8f;
+        c.u |= sign;
+    } else if (exponent == 31) {
+        c.u = sign | 0x7f800000u | (mantissa << 13);
+    } else {
+        c.u = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    }
+    return c.f;
+}
+
+static inline uint16_t float_to_half(float f) {  /* round to nearest even */
+    union { uint32_t u; float f; } c;
+    c.f = f;
+    uint16_t sign = (uint16_t)((c.u >> 16) & 0x8000u);
+    uint32_t a = c.u & 0x7fffffffu;
+    if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);                  /* NaN */
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);                 /* >= 65520: infinity */
+    if (a < 0x38800000u) {                                                   /* below 2^-14: subnormal */
+        c.u = a;
+        float scaled = c.f * 16777216.f;                                      /* exact: in units of 2^-24 */
+        uint32_t m = (uint32_t)scaled;
+        float rest = scaled - (float)m;
+        if (rest > 0.5f || (rest == 0.5f && (m & 1u))) m++;
+        return (uint16_t)(sign | m);
+    }
+    uint32_t r = a - 0x38000000u;                                            /* rebias the exponent */
+    r = r + 0xfffu + ((r >> 13) & 1u);
+    return (uint16_t)(sign | (r >> 13));
+}
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+static void halves_to_floats(const uint16_t *h, float *f, int64_t n) {
+    int64_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+    for (; i < n; i++) f[i] = half_to_float(h[i]);
+}
+
+static inline float load_as_float(const void *p, int dtype, int64_t i) {
+    if (dtype == DT_BF16) return bf16_to_float(((const uint16_t *)p)[i]);
+    if (dtype == DT_F16) return half_to_float(((const uint16_t *)p)[i]);
+    return ((const float *)p)[i];
+}
+
+static inline void store_as(void *p, int dtype, int64_t i, float v) {
+    if (dtype == DT_BF16) ((uint16_t *)p)[i] = float_to_bf16(v);
+    else if (dtype == DT_F16) ((uint16_t *)p)[i] = float_to_half(v);
+    else ((float *)p)[i] = v;
+}
+
+/* tot[c] += scales[g, c0 + c] * (sum_{i in g} x[i] q[c0 + c, i] - z[g, c0 + c] * sum_{i in g} x[i]) for c < n,
+   every group g in turn (sums[g]: the group's sum of x): rows of qweight (PER inputs each) are read in
+   order, n consecutive words of each. The value at bits [BITS * j, BITS * (j + 1)) of a word is taken as
+   word & mask, that is q * 2^(BITS * j), against xs[i] = x[i] * 2^-(BITS * j) (exact: a power of two), and
+   the top one as word >> (BITS * (PER - 1)) against x[i]: two operations and an FMA per weight. BITS is
+   a constant where this is expanded: the compiler unrolls the PER values of a word (two chains of sums)
+   and vectorizes over the columns. */
+#define GROUPS_BODY(BITS)                                                                                  \
+    const int per = 32 / (BITS);                                                                           \
+    const uint32_t maxq = (1u << (BITS)) - 1u;                                                             \
+    const int64_t ldz = (N + per - 1) / per, rows = group_size / per;                                      \
+    for (int64_t g = 0; g < K / group_size; g++) {                                                         \
+        for (int64_t c = 0; c < n; c++) acc[c] = 0.f;                                                      \
+        for (int64_t r = 0; r < rows; r++) {                                                               \
+            const uint32_t *w = (const uint32_t *)qweight + (g * rows + r) * N + c0;                       \
+            const float *xr = xs + (g * rows + r) * per;                                                   \
+            _Pragma("omp simd")                                                                            \
+            for (int64_t c = 0; c < n; c++) {                                                              \
+                uint32_t word = w[c];                                                                      \
+                float a = acc[c], b = xr[per - 1] * (float)(int32_t)(word >> ((BITS) * (per - 1)));        \
+                for (int j = 0; j + 1 < per; j += 2)                                                       \
+                    a += xr[j] * (float)(int32_t)(word & (maxq << ((BITS) * j)));                          \
+                for (int j = 1; j + 1 < per; j += 2)                                                       \
+                    b += xr[j] * (float)(int32_t)(word & (maxq << ((BITS) * j)));                          \
+                acc[c] = a + b;                                                                            \
+            }                                                                                              \
+        }                                                                                                  \
+        const uint32_t *zw = (const uint32_t *)qzeros + g * ldz + c0 / per;                                \
+        for (int64_t k = 0; k < (n + per - 1) / per; k++)                                                  \
+            for (int j = 0; j < per; j++)                                                                  \
+                zs[k * per + j] = (float)((int32_t)((zw[k] >> ((BITS) * j)) & maxq) + zero_add);           \
+        halves_to_floats(scales + g * N + c0, ss, n);                                                      \
+        float sum = sums[g];                                                                               \
+        _Pragma("omp simd")                                                                                \
+        for (int64_t c = 0; c < n; c++) tot[c] += ss[c] * (acc[c] - zs[c] * sum);                          \
+    }
+
+#define GROUPS_FUNCTION(BITS)                                                                              \
+static void groups_##BITS(const float *xs, const float *sums, const int32_t *qweight,                     \
+                          const int32_t *qzeros, const uint16_t *scales, int64_t N, int64_t K,             \
+                          int64_t group_size, int zero_add, int64_t c0, int64_t n, float *acc, float *tot,  \
+                          float *zs, float *ss) {                                                          \
+    GROUPS_BODY(BITS)                                                                                      \
+}
+
+GROUPS_FUNCTION(2)
+GROUPS_FUNCTION(4)
+GROUPS_FUNCTION(8)
+
+/* out[o] = bias[o] + sum_i x[i] * W[o, i] for one row x of K values, W the GPTQ weight of N outputs
+   (qweight (K * bits / 32, N), qzeros (K / group_size, ceil(N * bits / 32)) holding z - zero_add,
+   float16 scales (K / group_size, N), all contiguous; group_size a multiple of 32 / bits dividing K).
+   x, bias and out in the DT_* dtypes given (out in x's); bias may be NULL. float32 throughout, out
+   rounded once. scratch: K + K / group_size floats. Threads take contiguous ranges of the outputs. */
+void qwen_gptq_row(const void *x, int x_dtype, const int32_t *qweight, const int32_t *qzeros,
+                   const uint16_t *scales, const void *bias, int bias_dtype, void *out, int64_t N, int64_t K,
+                   int64_t group_size, int bits, int zero_add, int threads, float *scratch) {
+    const int per = 32 / bits;
+    float *xs = scratch, *sums = scratch + K;
+    for (int64_t g = 0; g < K / group_size; g++) {
+        float sum = 0.f;
+        for (int64_t i = g * group_size; i < (g + 1) * group_size; i++) {
+            float v = load_as_float(x, x_dtype, i);
+            int j = (int)(i % per);
+            sum += v;
+            xs[i] = j + 1 < per ? ldexpf(v, -bits * j) : v;
+        }
+        sums[g] = sum;
+    }
+    /* ranges: a multiple of the threads, each at most CHUNK columns and a multiple of 16 */
+    int64_t t = threads > 0 ? threads : 1;
+    int64_t per_thread = (N + t * CHUNK - 1) / (t * CHUNK), ranges = t * per_thread;
+    int64_t width = ((N + ranges - 1) / ranges + 15) / 16 * 16;
+    ranges = (N + width - 1) / width;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t k = 0; k < ranges; k++) {
+        float acc[CHUNK], tot[CHUNK], zs[CHUNK + 16], ss[CHUNK];  /* zs: whole words of zero points */
+        int64_t c0 = k * width, n = N - c0 < width ? N - c0 : width;
+        for (int64_t c = 0; c < n; c++) tot[c] = 0.f;
+        if (bits == 4) groups_4(xs, sums, qweight, qzeros, scales, N, K, group_size, zero_add, c0, n, acc, tot, zs, ss);
+        else if (bits == 8) groups_8(xs, sums, qweight, qzeros, scales, N, K, group_size, zero_add, c0, n, acc, tot, zs, ss);
+        else groups_2(xs, sums, qweight, qzeros, scales, N, K, group_size, zero_add, c0, n, acc, tot, zs, ss);
+        for (int64_t c = 0; c < n; c++)
+            store_as(out, x_dtype, c0 + c, bias ? tot[c] + load_as_float(bias, bias_dtype, c0 + c) : tot[c]);
+    }
+}
+"""
+
+_SOURCE = _source()
+# -ffp-contract=fast: x * w + acc may be one FMA (a float32 rounding detail, like the order of sums);
+# -mprefer-vector-width=512 (x86): 16 columns at a time where the CPU has AVX-512 (GCC prefers 256 bits)
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-shared", "-fPIC"]
+if platform.machine().lower() in ("x86_64", "amd64"):
+    _FLAGS.insert(2, "-mprefer-vector-width=512")
+
+
+@functools.cache
+def _kernel() -> SimpleNamespace | None:
+    """The compiled kernel (attributes named as in ``_ENTRY_POINTS``), or ``None`` (logged
+    once) when it cannot be built."""
+    if not enabled():
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        logger.info("no C compiler found ($CC, cc, gcc, clang): GPTQ products stay in gptqmodel's code")
+        return None
+    try:
+        library = ctypes.CDLL(str(cpu_kernels._build(compiler, _SOURCE, _FLAGS, stem="gptq_kernels")))
+        return SimpleNamespace(
+            **{name: _entry_point(library, name, args, _symbol(name)) for name, args in _ENTRY_POINTS.items()}
+        )
+    except Exception as error:  # any failure only costs speed
+        logger.warning(
+            "could not build the GPTQ CPU kernel (%s); GPTQ products stay in gptqmodel's code "
+            "(QWEN_CPU_KERNELS=0 skips the attempt)",
+            error,
+        )
+        return None
+
+
+def available() -> bool:
+    """Whether the kernel is built (or can be) and enabled; builds it on first call."""
+    return _kernel() is not None
+
+
+def _int32_matrix(t: torch.Tensor, shape: tuple[int, int]) -> bool:
+    return t.dtype == torch.int32 and t.is_cpu and tuple(t.shape) == shape and t.is_contiguous()
+
+
+def gptq_row(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    zero_offset: int = 1,
+) -> torch.Tensor | None:
+    """``x @ W.T + bias`` for one row ``x`` (shape (..., K), one row in all; float32, bfloat16
+    or float16) and the GPTQ weight ``W`` (N, K) of ``qweight``/``qzeros``/``scales`` with
+    ``g_idx == i // group_size``; ``qzeros`` holds ``z - zero_offset`` (1 in the checkpoint
+    format, 0 in gptqmodel's in-memory "v2" format). Returns a tensor of ``x``'s dtype and
+    shape (..., N), or ``None`` where the kernel does not apply (other dtypes, layouts or
+    devices, more than one row, autograd, tracing, or no kernel)."""
+    if x.dtype not in _DTYPES or not x.is_cpu or x.dim() == 0 or x.numel() != x.shape[-1] or x.stride(-1) != 1:
+        return None
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    if bits not in BITS or qweight.dim() != 2:
+        return None
+    per = 32 // bits
+    n_in, n_out = x.shape[-1], qweight.shape[1]
+    if group_size <= 0 or group_size % per or n_in % group_size or n_in == 0 or n_out == 0:
+        return None
+    groups = n_in // group_size
+    if not (
+        _int32_matrix(qweight, (n_in // per, n_out))
+        and _int32_matrix(qzeros, (groups, -(-n_out // per)))
+        and scales.dtype == torch.float16
+        and scales.is_cpu
+        and tuple(scales.shape) == (groups, n_out)
+        and scales.is_contiguous()
+    ):
+        return None
+    if bias is not None and (
+        bias.dtype not in _DTYPES or not bias.is_cpu or tuple(bias.shape) != (n_out,) or bias.stride(0) != 1
+    ):
+        return None
+    kernel = _kernel()
+    if kernel is None:
+        return None
+    out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=_CPU)
+    scratch = torch.empty(n_in + groups, dtype=torch.float32, device=_CPU)
+    kernel.gptq_row(
+        x=x.data_ptr(), x_dtype=_DTYPE_CODE[x.dtype], qweight=qweight.data_ptr(), qzeros=qzeros.data_ptr(),
+        scales=scales.data_ptr(), bias=None if bias is None else bias.data_ptr(),
+        bias_dtype=_DTYPE_CODE[bias.dtype] if bias is not None else 0, out=out.data_ptr(), N=n_out, K=n_in,
+        group_size=group_size, bits=bits, zero_add=zero_offset, threads=torch.get_num_threads(),
+        scratch=scratch.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
+def _plain_groups(module) -> bool:
+    """Whether ``module.g_idx`` is ``i // group_size`` (no ``desc_act`` reordering); checked
+    once per g_idx tensor (and version: inference tensors have none)."""
+    g_idx = module.g_idx
+    key = (g_idx.data_ptr(), None if g_idx.is_inference() else g_idx._version, tuple(g_idx.shape))
+    cached = module.__dict__.get("_qwen_plain_groups")
+    if cached is None or cached[0] != key:
+        n_in, size = module.in_features, module.group_size
+        plain = g_idx.shape == (n_in,) and torch.equal(g_idx.to(torch.int64), torch.arange(n_in) // size)
+        cached = (key, bool(plain))
+        module.__dict__["_qwen_plain_groups"] = cached
+    return cached[1]
+
+
+def quant_linear_row(module, x: torch.Tensor) -> torch.Tensor | None:
+    """``module(x)`` through :func:`gptq_row` for a gptqmodel quant-linear module holding the
+    GPTQ tensors (``TorchLinear``) and one row ``x``, in inference; ``None`` where it does
+    not apply (autograd, tracing, training, an adapter, an input rotation, ``desc_act``
+    groups, a packing other than int32, or what :func:`gptq_row` refuses)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    if x.numel() != x.shape[-1] or module.training or getattr(module, "adapter", None) is not None:
+        return None
+    if getattr(module, "online_full_had", False) or getattr(module, "online_partial_had", False):
+        return None
+    if getattr(module, "pack_dtype", torch.int32) != torch.int32 or module.qweight is None:
+        return None
+    zero_format = module.qzero_format() if hasattr(module, "qzero_format") else 1
+    if zero_format not in (1, 2) or x.shape[-1] != module.in_features or not _plain_groups(module):
+        return None
+    return gptq_row(
+        x, module.qweight, module.qzeros, module.scales, module.bias, module.bits, module.group_size, 2 - zero_format
+    )
