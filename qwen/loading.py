@@ -60,9 +60,12 @@ def load_kwargs(checkpoint, kwargs: dict[str, Any]) -> dict[str, Any]:
     dtype = resolve_dtype(config, dtype, explicit_flags=any(flags.values()))
     if "attn_implementation" not in kwargs and config._attn_implementation_internal is None:
         kwargs["attn_implementation"] = choose_attention(config, dtype, kwargs.get("device_map"))
+    stored_quantization = getattr(config, "quantization_config", None)
+    if quantization_config is None and _quant_method(stored_quantization) == "gptq":
+        quantization_config = cpu_gptq_config(stored_quantization, kwargs.get("device_map"))
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-    if _quant_method(quantization_config or getattr(config, "quantization_config", None)) == "gptq":
+    if _quant_method(quantization_config or stored_quantization) == "gptq":
         prepare_gptqmodel()
     return {**kwargs, "config": config, "dtype": dtype}
 
@@ -75,6 +78,22 @@ def _quant_method(quantization_config) -> str | None:
     else:
         method = getattr(quantization_config, "quant_method", None)
     return None if method is None else str(getattr(method, "value", method)).lower()
+
+
+def cpu_gptq_config(stored, device_map):
+    """For a GPTQ checkpoint loaded on CPU with no ``quantization_config`` given: gptqmodel's
+    ``gptq_torch`` backend, whose modules take the CPU engine's one-row kernel (exact to
+    the stored weights). gptqmodel's own CPU choice for 4 bits repacks every weight on first
+    use and decodes about 7x slower. ``None`` (the checkpoint's settings as they are) for
+    other devices."""
+    on_cpu = device_map in ("cpu", {"": "cpu"}) or (device_map is None and not torch.cuda.is_available())
+    if not on_cpu:
+        return None
+    from transformers import GPTQConfig
+
+    bits = stored.get("bits") if isinstance(stored, dict) else getattr(stored, "bits", None)
+    logger.info("GPTQ checkpoint on CPU: gptqmodel's gptq_torch backend (pass quantization_config to choose)")
+    return GPTQConfig(bits=bits, backend="gptq_torch")
 
 
 def prepare_gptqmodel() -> None:
