@@ -270,6 +270,19 @@ class ChatPage:
         field.fill(str(value))
         field.press("Tab")
 
+    def set_numbers(self, values: dict[str, float]) -> None:
+        """Set several number fields and make sure each still holds its value afterwards: on a
+        loaded machine a component that was still rendering (the settings accordion had just
+        opened) could put its old value back after a fill."""
+        for _ in range(5):
+            for elem_id, value in values.items():
+                self.set_number(elem_id, value)
+            self.page.wait_for_timeout(300)
+            fields = {k: self.page.locator(f"#{k} input[type=number]").input_value() for k in values}
+            if all(float(fields[k]) == float(v) for k, v in values.items()):
+                return
+        raise AssertionError(f"the settings did not keep their values: {fields}")
+
 
 def open_chat(browser, url: str, **context_options) -> ChatPage:
     context = browser.new_context(viewport={"width": 1100, "height": 1100}, **context_options)
@@ -343,14 +356,15 @@ def test_enter_sends_shift_enter_breaks_line_and_the_answer_streams(server, chat
 
 def test_generation_settings_reach_the_model(server, chat):
     chat.open_settings()
-    for elem_id, value in [
-        ("qwen-temperature", 0),
-        ("qwen-top-p", 0.5),
-        ("qwen-top-k", 7),
-        ("qwen-max-new-tokens", 5),
-        ("qwen-repetition-penalty", 1.3),
-    ]:
-        chat.set_number(elem_id, value)
+    chat.set_numbers(
+        {
+            "qwen-temperature": 0,
+            "qwen-top-p": 0.5,
+            "qwen-top-k": 7,
+            "qwen-max-new-tokens": 5,
+            "qwen-repetition-penalty": 1.3,
+        }
+    )
     seed = chat.page.locator("#qwen-seed input")
     seed.fill("42")
     seed.press("Tab")
