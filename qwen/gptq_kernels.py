@@ -15,11 +15,13 @@ and sum in float32 (products ``x[i] q[o, i]`` exact for bf16/fp16 inputs), the r
 rounded once to the input's dtype (float32, bfloat16 or float16). It differs from the
 product with ``W`` only by float32 rounding in the sums (tested within 1e-6 of their
 size); gptqmodel instead rounds each ``W[o, i]`` to float16 before multiplying. The
-outputs are spread over threads (OpenMP) in contiguous column ranges, each streaming its
-rows of ``qweight`` in order; the loops are written for the compiler to vectorize with
-``-march=native`` (AVX2; AVX-512, 16 columns at a time, where the CPU has it; plain C
-elsewhere). Each weight costs a mask, a conversion and an FMA: on two AVX2 cores that is
-compute-bound, about 22 G weights/s (docs/performance.md).
+outputs are spread over threads (OpenMP) in contiguous column ranges. Each weight costs a
+mask, a conversion and an FMA, which keeps a CPU core busy (it is compute-bound on the 2-core
+AVX2 machine of docs/performance.md): with AVX2 and FMA (built with ``-march=native``) the
+products are written with intrinsics, in tiles of 32 columns whose sums stay in registers
+over a group's rows (eight independent chains of FMAs, each input broadcast once a tile, the
+tiles ahead prefetched); elsewhere in plain loops that the compiler vectorizes (16 columns at
+a time where the CPU has AVX-512).
 
 :func:`quant_linear_row` applies it to a gptqmodel quant-linear module (``TorchLinear``,
 the ``gptq_torch`` backend) as loaded, where it fits; ``cpu_engine.install`` hooks it in.
@@ -131,7 +133,7 @@ static inline uint16_t float_to_half(float f) {  /* round to nearest even */
     return (uint16_t)(sign | (r >> 13));
 }
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -155,18 +157,103 @@ static inline void store_as(void *p, int dtype, int64_t i, float v) {
     else ((float *)p)[i] = v;
 }
 
-/* tot[c] += scales[g, c0 + c] * (sum_{i in g} x[i] q[c0 + c, i] - z[g, c0 + c] * sum_{i in g} x[i]) for c < n,
-   every group g in turn (sums[g]: the group's sum of x): rows of qweight (PER inputs each) are read in
-   order, n consecutive words of each. The value at bits [BITS * j, BITS * (j + 1)) of a word is taken as
-   word & mask, that is q * 2^(BITS * j), against xs[i] = x[i] * 2^-(BITS * j) (exact: a power of two), and
-   the top one as word >> (BITS * (PER - 1)) against x[i]: two operations and an FMA per weight. BITS is
-   a constant where this is expanded: the compiler unrolls the PER values of a word (two chains of sums)
-   and vectorizes over the columns. */
+/* Before each group's sums: zs[c] = z[g, c0 + c] (whole words: up to PER - 1 values past n) and ss[c] =
+   scales[g, c0 + c], c < n. After them: tot[c] += ss[c] * (acc[c] - zs[c] * sum), sum the group's sum of x. */
+#define GROUP_PROLOGUE(BITS)                                                                               \
+    const uint32_t *zw = (const uint32_t *)qzeros + g * ldz + c0 / per;                                    \
+    for (int64_t k = 0; k < (n + per - 1) / per; k++)                                                      \
+        for (int j = 0; j < per; j++)                                                                      \
+            zs[k * per + j] = (float)((int32_t)((zw[k] >> ((BITS) * j)) & maxq) + zero_add);               \
+    halves_to_floats(scales + g * N + c0, ss, n);
+
+#define GROUP_EPILOGUE                                                                                     \
+    const float sum = sums[g];                                                                             \
+    _Pragma("omp simd")                                                                                    \
+    for (int64_t c = 0; c < n; c++) tot[c] += ss[c] * (acc[c] - zs[c] * sum);
+
+/* The value at bits [BITS * j, BITS * (j + 1)) of a word is taken as word & mask, that is q * 2^(BITS * j),
+   against xs[i] = x[i] * 2^-(BITS * j) (exact: a power of two), and the top one as word >> (BITS * (PER - 1))
+   against x[i]: two operations and an FMA per weight. */
+#define VALUE(BITS, word, j)                                                                               \
+    ((j) + 1 < 32 / (BITS) ? (float)(int32_t)((word) & (((1u << (BITS)) - 1u) << ((BITS) * (j))))           \
+                           : (float)(int32_t)((word) >> ((BITS) * (32 / (BITS) - 1))))
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+/* AVX2 and FMA (where AVX-512 is there, the compiler's own vectorization of the plain loops takes 16 columns
+   at a time). acc[c] = sum_{i in g} x[i] q[c0 + c, i] for c < n, group g, in tiles of up to 4 vectors of 8
+   columns whose sums stay in registers over the group's rows (w: the tile's first word of its first row, N
+   words a row): each input's x broadcast once a tile, the values at even and odd j in two chains of FMAs a
+   vector (8 chains in flight cover the FMAs' latency). pf: the words of a tile further on (same rows), fetched
+   into L1 ahead of their use (NULL: none). */
+
+static inline __attribute__((always_inline)) void tile_avx2(const int bits, const int vectors, const uint32_t *w,
+                                                             int64_t N, const float *xr, int64_t rows, float *acc,
+                                                             const uint32_t *pf) {
+    const int per = 32 / bits;
+    const uint32_t maxq = (1u << bits) - 1u;
+    __m256 a[2][4];  /* 2 chains a vector (inputs j % 2): 8 sums in flight hide the FMAs' latency */
+#pragma GCC unroll 4
+    for (int v = 0; v < vectors; v++) a[0][v] = a[1][v] = _mm256_setzero_ps();
+    for (int64_t r = 0; r < rows; r++, w += N, xr += per) {
+        if (pf) {
+            for (int line = 0; line < vectors * 32; line += 64)
+                _mm_prefetch((const char *)(pf + r * N) + line, _MM_HINT_T0);
+        }
+#pragma GCC unroll 16
+        for (int j = 0; j < per; j++) {
+            const __m256 xb = _mm256_broadcast_ss(xr + j);
+#pragma GCC unroll 4
+            for (int v = 0; v < vectors; v++) {
+                const __m256i word = _mm256_loadu_si256((const __m256i *)(w + 8 * v));
+                const __m256i q = j + 1 < per ? _mm256_and_si256(word, _mm256_set1_epi32((int)(maxq << (bits * j))))
+                                              : _mm256_srli_epi32(word, bits * (per - 1));
+                a[j % 2][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), xb, a[j % 2][v]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int v = 0; v < vectors; v++)
+        _mm256_storeu_ps(acc + 8 * v, _mm256_add_ps(a[0][v], a[1][v]));
+}
+
+#define GROUPS_BODY(BITS)                                                                                  \
+    const int per = 32 / (BITS);                                                                           \
+    const uint32_t maxq = (1u << (BITS)) - 1u;                                                             \
+    const int64_t ldz = (N + per - 1) / per, rows = group_size / per, groups = K / group_size;             \
+    const int64_t wide = n / 32 * 32, n8 = n / 8 * 8;                                                      \
+    for (int64_t g = 0; g < groups; g++) {                                                                 \
+        GROUP_PROLOGUE(BITS)                                                                               \
+        const uint32_t *w = (const uint32_t *)qweight + g * rows * N + c0;                                 \
+        const float *xr = xs + g * rows * per;                                                             \
+        for (int64_t c = 0; c < wide; c += 32) {                                                           \
+            /* 4 tiles further on, else in the next group */                                               \
+            const int64_t ahead = (c + 128) % wide;                                                        \
+            const uint32_t *pf = c + 128 < wide ? w + ahead : g + 1 < groups ? w + rows * N + ahead : NULL; \
+            tile_avx2((BITS), 4, w + c, N, xr, rows, acc + c, pf);                                         \
+        }                                                                                                  \
+        int64_t t = wide;                                                                                  \
+        if (t + 16 <= n8) { tile_avx2((BITS), 2, w + t, N, xr, rows, acc + t, NULL); t += 16; }           \
+        if (t + 8 <= n8) { tile_avx2((BITS), 1, w + t, N, xr, rows, acc + t, NULL); t += 8; }             \
+        for (; t < n; t++) {                                                                               \
+            float s = 0.f;                                                                                 \
+            for (int64_t r = 0; r < rows; r++) {                                                           \
+                const uint32_t word = w[r * N + t];                                                        \
+                for (int j = 0; j < per; j++) s += xr[r * per + j] * VALUE(BITS, word, j);                 \
+            }                                                                                              \
+            acc[t] = s;                                                                                    \
+        }                                                                                                  \
+        GROUP_EPILOGUE                                                                                     \
+    }
+#else
+/* Portable: rows of qweight (PER inputs each) are read in order, n consecutive words of each; BITS is a
+   constant where this is expanded: the compiler unrolls the PER values of a word (two chains of sums) and
+   vectorizes over the columns. */
 #define GROUPS_BODY(BITS)                                                                                  \
     const int per = 32 / (BITS);                                                                           \
     const uint32_t maxq = (1u << (BITS)) - 1u;                                                             \
     const int64_t ldz = (N + per - 1) / per, rows = group_size / per;                                      \
     for (int64_t g = 0; g < K / group_size; g++) {                                                         \
+        GROUP_PROLOGUE(BITS)                                                                               \
         for (int64_t c = 0; c < n; c++) acc[c] = 0.f;                                                      \
         for (int64_t r = 0; r < rows; r++) {                                                               \
             const uint32_t *w = (const uint32_t *)qweight + (g * rows + r) * N + c0;                       \
@@ -174,24 +261,18 @@ static inline void store_as(void *p, int dtype, int64_t i, float v) {
             _Pragma("omp simd")                                                                            \
             for (int64_t c = 0; c < n; c++) {                                                              \
                 uint32_t word = w[c];                                                                      \
-                float a = acc[c], b = xr[per - 1] * (float)(int32_t)(word >> ((BITS) * (per - 1)));        \
-                for (int j = 0; j + 1 < per; j += 2)                                                       \
-                    a += xr[j] * (float)(int32_t)(word & (maxq << ((BITS) * j)));                          \
-                for (int j = 1; j + 1 < per; j += 2)                                                       \
-                    b += xr[j] * (float)(int32_t)(word & (maxq << ((BITS) * j)));                          \
+                float a = acc[c], b = xr[per - 1] * VALUE(BITS, word, per - 1);                            \
+                for (int j = 0; j + 1 < per; j += 2) a += xr[j] * VALUE(BITS, word, j);                    \
+                for (int j = 1; j + 1 < per; j += 2) b += xr[j] * VALUE(BITS, word, j);                    \
                 acc[c] = a + b;                                                                            \
             }                                                                                              \
         }                                                                                                  \
-        const uint32_t *zw = (const uint32_t *)qzeros + g * ldz + c0 / per;                                \
-        for (int64_t k = 0; k < (n + per - 1) / per; k++)                                                  \
-            for (int j = 0; j < per; j++)                                                                  \
-                zs[k * per + j] = (float)((int32_t)((zw[k] >> ((BITS) * j)) & maxq) + zero_add);           \
-        halves_to_floats(scales + g * N + c0, ss, n);                                                      \
-        float sum = sums[g];                                                                               \
-        _Pragma("omp simd")                                                                                \
-        for (int64_t c = 0; c < n; c++) tot[c] += ss[c] * (acc[c] - zs[c] * sum);                          \
+        GROUP_EPILOGUE                                                                                     \
     }
+#endif
 
+/* tot[c] += scales[g, c0 + c] * (sum_{i in g} x[i] q[c0 + c, i] - z[g, c0 + c] * sum_{i in g} x[i]) for c < n,
+   every group g in turn (sums[g]: the group's sum of x). */
 #define GROUPS_FUNCTION(BITS)                                                                              \
 static void groups_##BITS(const float *xs, const float *sums, const int32_t *qweight,                     \
                           const int32_t *qzeros, const uint16_t *scales, int64_t N, int64_t K,             \
@@ -214,13 +295,14 @@ void qwen_gptq_row(const void *x, int x_dtype, const int32_t *qweight, const int
                    int64_t group_size, int bits, int zero_add, int threads, float *scratch) {
     const int per = 32 / bits;
     float *xs = scratch, *sums = scratch + K;
+    float scale[16];  /* 2^-(bits * j), exact */
+    for (int j = 0; j < per; j++) scale[j] = j + 1 < per ? ldexpf(1.f, -bits * j) : 1.f;
     for (int64_t g = 0; g < K / group_size; g++) {
         float sum = 0.f;
         for (int64_t i = g * group_size; i < (g + 1) * group_size; i++) {
             float v = load_as_float(x, x_dtype, i);
-            int j = (int)(i % per);
             sum += v;
-            xs[i] = j + 1 < per ? ldexpf(v, -bits * j) : v;
+            xs[i] = v * scale[i % per];
         }
         sums[g] = sum;
     }
