@@ -115,12 +115,8 @@ def _source(entry_points=_ENTRY_POINTS, block_fields=_BLOCK_FIELDS, block_reals=
     return "/* generated from cpu_kernels.py's declarations */\n" + header + _DEFINITIONS
 
 
-_DEFINITIONS = r"""
-#include <math.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
+BF16_C = r"""
+/* bf16 <-> float32 (shared with gptq_kernels) */
 static inline float bf16_to_float(uint16_t v) {
     union { uint32_t u; float f; } c;
     c.u = (uint32_t)v << 16;
@@ -134,7 +130,18 @@ static inline uint16_t float_to_bf16(float f) {  /* round to nearest even; NaN s
     return (uint16_t)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
 }
 
+"""
+
+_DEFINITIONS = (
+    r"""
+#include <math.h>
 #if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+"""
+    + BF16_C
+    + r"""#if defined(__AVX512F__)
 static inline __m512 load16(const uint16_t *p) {
     __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
@@ -383,6 +390,7 @@ void qwen_decode_blocks_bf16(const int64_t *table, const float *reals, int64_t n
     }
 }
 """
+)
 
 _SOURCE = _source()
 # -ffp-contract=off: a * b + c stays two roundings, as in torch's kernels (not one FMA)

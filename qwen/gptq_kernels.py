@@ -45,7 +45,7 @@ from types import SimpleNamespace
 import torch
 
 from . import cpu_kernels
-from .cpu_kernels import _I64, _INT, _compiler, _entry_point, enabled, prototype
+from .cpu_kernels import _I64, _INT, BF16_C, _compiler, _entry_point, enabled, prototype
 
 logger = logging.getLogger(__name__)
 
@@ -79,27 +79,17 @@ def _source(entry_points=_ENTRY_POINTS, dtypes=_DTYPE_NAMES) -> str:
     return "/* generated from gptq_kernels.py's declarations */\n" + header + _DEFINITIONS
 
 
-_DEFINITIONS = r"""
+_DEFINITIONS = (
+    r"""
 #include <math.h>
 #include <string.h>
 
 /* Columns one thread takes at a time: its accumulators (three arrays of this many) stay in L1. */
 #define CHUNK 1024
 
-static inline float bf16_to_float(uint16_t v) {
-    union { uint32_t u; float f; } c;
-    c.u = (uint32_t)v << 16;
-    return c.f;
-}
-
-static inline uint16_t float_to_bf16(float f) {  /* round to nearest even; NaN stays NaN */
-    union { uint32_t u; float f; } c;
-    c.f = f;
-    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((c.u >> 16) | 0x40);
-    return (uint16_t)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
-}
-
-static inline float half_to_float(uint16_t h) {  /* exact */
+"""
+    + BF16_C
+    + r"""static inline float half_to_float(uint16_t h) {  /* exact */
     union { uint32_t u; float f; } c;
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
     if (exponent == 0) {  /* zero or subnormal: mantissa * 2^-24 */
@@ -324,6 +314,7 @@ void qwen_gptq_row(const void *x, int x_dtype, const int32_t *qweight, const int
     }
 }
 """
+)
 
 _SOURCE = _source()
 # -ffp-contract=fast: x * w + acc may be one FMA (a float32 rounding detail, like the order of sums);
