@@ -645,12 +645,10 @@ def _expected_gptq_shapes(cfg: dict, gptq: GPTQSettings) -> dict[str, tuple[int,
     return shapes
 
 
-def _plan(files: list[_SourceFile], cfg: dict, dtype: torch.dtype | None) -> list[_Output]:
-    gptq = gptq_settings(cfg)
-    if gptq is not None:
-        return _plan_gptq(files, cfg, dtype, gptq)
+def _source_tensors(files: list[_SourceFile], cfg: dict):
+    """``(file, tensor)`` for every tensor the export takes: skipped ones left out (and a tied
+    ``lm_head``), a tensor stored in two files refused."""
     tied = bool(cfg.get("tie_word_embeddings", False))
-    outputs: list[_Output] = []
     seen: dict[str, Path] = {}
     for file in files:
         for tensor in file.tensors():
@@ -660,13 +658,22 @@ def _plan(files: list[_SourceFile], cfg: dict, dtype: torch.dtype | None) -> lis
             if tensor.name in seen:
                 raise ConversionError(f"tensor {tensor.name} appears in both {seen[tensor.name]} and {file.path}")
             seen[tensor.name] = file.path
-            if not tensor.dtype.is_floating_point:
-                raise ConversionError(
-                    f"tensor {tensor.name} in {file.path} is {tensor.dtype}, not floating point "
-                    "(a quantized checkpoint?); only unquantized checkpoints can be converted"
-                )
-            for name, start, end in qwen2_parts(tensor.name, tensor.shape):
-                outputs.append(_Output(name, tensor, start, end, dtype or tensor.dtype))
+            yield file, tensor
+
+
+def _plan(files: list[_SourceFile], cfg: dict, dtype: torch.dtype | None) -> list[_Output]:
+    gptq = gptq_settings(cfg)
+    if gptq is not None:
+        return _plan_gptq(files, cfg, dtype, gptq)
+    outputs: list[_Output] = []
+    for file, tensor in _source_tensors(files, cfg):
+        if not tensor.dtype.is_floating_point:
+            raise ConversionError(
+                f"tensor {tensor.name} in {file.path} is {tensor.dtype}, not floating point "
+                "(a quantized checkpoint?); only unquantized checkpoints can be converted"
+            )
+        for name, start, end in qwen2_parts(tensor.name, tensor.shape):
+            outputs.append(_Output(name, tensor, start, end, dtype or tensor.dtype))
     expected = _expected_shapes(cfg)
     got = {output.name: output.shape for output in outputs}
     missing = sorted(set(expected) - set(got))
@@ -684,23 +691,14 @@ def _plan(files: list[_SourceFile], cfg: dict, dtype: torch.dtype | None) -> lis
 def _plan_gptq(files: list[_SourceFile], cfg: dict, dtype: torch.dtype | None, gptq: GPTQSettings) -> list[_Output]:
     """The plan of a GPTQ checkpoint: the GPTQ tensors (and the quantized linears' biases)
     keep their stored dtypes; ``dtype`` applies to the 16-bit embeddings, norms and head."""
-    tied = bool(cfg.get("tie_word_embeddings", False))
     outputs: list[_Output] = []
-    seen: dict[str, Path] = {}
-    for file in files:
-        for tensor in file.tensors():
-            if _SKIPPED.search(tensor.name) or (tied and tensor.name == "lm_head.weight"):
-                logger.debug("skipping %s", tensor.name)
-                continue
-            if tensor.name in seen:
-                raise ConversionError(f"tensor {tensor.name} appears in both {seen[tensor.name]} and {file.path}")
-            seen[tensor.name] = file.path
-            for name, (start, end), cols in qwen2_gptq_parts(tensor.name, tensor.shape, gptq):
-                quantized = name.rsplit(".", 2)[-2].endswith("_proj")
-                if not quantized and not tensor.dtype.is_floating_point:
-                    raise ConversionError(f"tensor {tensor.name} in {file.path} is {tensor.dtype}, not floating point")
-                out_dtype = tensor.dtype if quantized else dtype or tensor.dtype
-                outputs.append(_Output(name, tensor, start, end, out_dtype, cols))
+    for file, tensor in _source_tensors(files, cfg):
+        for name, (start, end), cols in qwen2_gptq_parts(tensor.name, tensor.shape, gptq):
+            quantized = name.rsplit(".", 2)[-2].endswith("_proj")
+            if not quantized and not tensor.dtype.is_floating_point:
+                raise ConversionError(f"tensor {tensor.name} in {file.path} is {tensor.dtype}, not floating point")
+            out_dtype = tensor.dtype if quantized else dtype or tensor.dtype
+            outputs.append(_Output(name, tensor, start, end, out_dtype, cols))
     expected = _expected_gptq_shapes(cfg, gptq)
     got = {output.name: output for output in outputs}
     missing = sorted(set(expected) - set(got))
