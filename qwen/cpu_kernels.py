@@ -509,25 +509,44 @@ def _entry_point(library: ctypes.CDLL, name: str, arguments: tuple[tuple[str, st
     return namespace[symbol]
 
 
-@functools.cache
-def _kernel() -> SimpleNamespace | None:
-    """The compiled kernels (attributes named as in ``_ENTRY_POINTS``), or ``None`` (logged
-    once) when they cannot be built."""
+def load_library(
+    entry_points: dict, *, source: str, flags: list[str], stem: str, what: str, fallback: str, symbol=None
+) -> SimpleNamespace | None:
+    """Build ``source`` (or take it from the cache) and bind ``entry_points`` (attributes named
+    as declared; ``symbol(name)`` the exported C name, default ``qwen_<name>_bf16``). ``None``
+    when disabled, without a compiler or when the build fails (logged; ``what`` names the
+    kernels, ``fallback`` says what runs instead)."""
     if not enabled():
         return None
     compiler = _compiler()
     if compiler is None:
-        logger.info("no C compiler found ($CC, cc, gcc, clang): one-row CPU steps stay in torch")
+        logger.info("no C compiler found ($CC, cc, gcc, clang): %s", fallback)
         return None
     try:
-        library = ctypes.CDLL(str(_build(compiler)))
-        return SimpleNamespace(**{name: _entry_point(library, name, args) for name, args in _ENTRY_POINTS.items()})
-    except Exception as error:  # any failure only costs speed
-        logger.warning(
-            "could not build the CPU kernels (%s); decoding steps stay in torch (QWEN_CPU_KERNELS=0 skips the attempt)",
-            error,
+        library = ctypes.CDLL(str(_build(compiler, source, flags, stem)))
+        return SimpleNamespace(
+            **{
+                name: _entry_point(library, name, args, symbol(name) if symbol else None)
+                for name, args in entry_points.items()
+            }
         )
+    except Exception as error:  # any failure only costs speed
+        logger.warning("could not build %s (%s); %s (QWEN_CPU_KERNELS=0 skips the attempt)", what, error, fallback)
         return None
+
+
+@functools.cache
+def _kernel() -> SimpleNamespace | None:
+    """The compiled kernels (attributes named as in ``_ENTRY_POINTS``), or ``None`` (logged
+    once) when they cannot be built."""
+    return load_library(
+        _ENTRY_POINTS,
+        source=_SOURCE,
+        flags=_FLAGS,
+        stem="cpu_kernels",
+        what="the CPU kernels",
+        fallback="decoding steps stay in torch",
+    )
 
 
 def available() -> bool:

@@ -36,7 +36,6 @@ Part of the self-contained remote-code set: imports its siblings relatively only
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import platform
@@ -45,7 +44,7 @@ from types import SimpleNamespace
 import torch
 
 from . import cpu_kernels
-from .cpu_kernels import _I64, _INT, BF16_C, _compiler, _entry_point, enabled, prototype
+from .cpu_kernels import _I64, _INT, BF16_C, prototype
 
 logger = logging.getLogger(__name__)
 
@@ -328,24 +327,15 @@ if platform.machine().lower() in ("x86_64", "amd64"):
 def _kernel() -> SimpleNamespace | None:
     """The compiled kernel (attributes named as in ``_ENTRY_POINTS``), or ``None`` (logged
     once) when it cannot be built."""
-    if not enabled():
-        return None
-    compiler = _compiler()
-    if compiler is None:
-        logger.info("no C compiler found ($CC, cc, gcc, clang): GPTQ products stay in gptqmodel's code")
-        return None
-    try:
-        library = ctypes.CDLL(str(cpu_kernels._build(compiler, _SOURCE, _FLAGS, stem="gptq_kernels")))
-        return SimpleNamespace(
-            **{name: _entry_point(library, name, args, _symbol(name)) for name, args in _ENTRY_POINTS.items()}
-        )
-    except Exception as error:  # any failure only costs speed
-        logger.warning(
-            "could not build the GPTQ CPU kernel (%s); GPTQ products stay in gptqmodel's code "
-            "(QWEN_CPU_KERNELS=0 skips the attempt)",
-            error,
-        )
-        return None
+    return cpu_kernels.load_library(
+        _ENTRY_POINTS,
+        source=_SOURCE,
+        flags=_FLAGS,
+        stem="gptq_kernels",
+        what="the GPTQ CPU kernel",
+        fallback="GPTQ products stay in gptqmodel's code",
+        symbol=_symbol,
+    )
 
 
 def available() -> bool:
