@@ -9,7 +9,7 @@ conversation becomes one calibration sample, as the ChatML text the model sees. 
 directory loads as it is (``AutoModelForCausalLM.from_pretrained(out_path,
 trust_remote_code=True)`` or this package's ``QWenLMHeadModel``): config.json with the
 official ``quantization_config``, model.safetensors, tokenizer files, generation config and
-remote code. Needs ``pip install "qwen1[gptq]"`` (optimum and gptqmodel). Format and
+remote code. Needs ``pip install -e ".[gptq]"`` (optimum and gptqmodel). Format and
 measurements: docs/quantization.md.
 """
 
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
             damp_percent=args.damp_percent,
         )
     except ImportError as err:
-        print(f"error: {err}; install the GPTQ extra: pip install 'qwen1[gptq]'", file=sys.stderr)
+        print(f"error: {err}; install the GPTQ extra: pip install -e '.[gptq]'", file=sys.stderr)
         return 2
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

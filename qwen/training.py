@@ -273,7 +273,7 @@ def _qlora_quantization(model_name_or_path: str, training_args, dtype: torch.dty
         if importlib.util.find_spec("gptqmodel") is None or importlib.util.find_spec("optimum") is None:
             raise ImportError(
                 f"{model_name_or_path} is a GPTQ checkpoint: Q-LoRA on it needs optimum and gptqmodel "
-                '(pip install "qwen1[gptq]")'
+                '(pip install -e ".[gptq]" in a checkout)'
             )
         from transformers import GPTQConfig
 

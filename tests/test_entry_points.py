@@ -285,7 +285,8 @@ def test_distribution_name_and_licence_install_cleanly():
 
 
 def test_install_hints_work_from_a_checkout():
-    """No hint installs the unrelated PyPI package "qwen", and every extra named exists."""
+    """No hint installs the unrelated PyPI package "qwen" or the unpublished "qwen1" (hints install
+    from a checkout), and every extra named exists."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     extras = set(project["project"]["optional-dependencies"])
     files = [p for pattern in ("*.py", "*.md", "*.sh") for p in REPO.rglob(pattern)]
@@ -294,7 +295,8 @@ def test_install_hints_work_from_a_checkout():
     bad, unknown = [], []
     for path in files:
         for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            if re.search(r"pip install(?:\s+-\S+)*\s+['\"]?qwen(?:\[|['\"\s]|$)", line):
+            # PyPI's "qwen" is unrelated; this project's distribution "qwen1" is not published
+            if re.search(r"pip install(?:\s+-\S+)*\s+['\"]?qwen1?(?:\[|['\"\s]|$)", line):
                 bad.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
             for extra in re.findall(r"pip install -e ['\"]?\.\[([\w,-]+)\]", line):
                 unknown += [f"{path.relative_to(REPO)}:{number}: {e}" for e in extra.split(",") if e not in extras]
