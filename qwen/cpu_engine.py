@@ -13,8 +13,8 @@ extension points:
   no native half-precision matmul), :class:`CPURMSNorm` (the C norm) and :class:`CPUMLP`
   (both products and the gate of one row in one C call);
 - **GPTQ linears**: gptqmodel's ``TorchLinear`` modules (the ``gptq_torch`` backend) take
-  one row through the C kernel on their packed int4/int8 weights (:class:`CPUGPTQRow`,
-  ``gptq_kernels.py``); the decoding step then runs block by block;
+  inference through the C kernels on their packed int2/4/8 weights (:class:`CPUGPTQLinear`,
+  ``gptq_kernels.py``);
 - **attention**: one query row per sequence over the cache, in half precision, goes
   through the C kernel (or float32 attention) instead of torch's SDPA, registered as this
   model file's local ``"sdpa"`` (``modeling_qwen.QWEN_ATTENTION_FUNCTIONS``);
@@ -49,9 +49,19 @@ from transformers import GenerationMixin
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .cpu_kernels import BlockParts, BlockSteps, Norm, Product, decode_attention, linear_row, rms_norm, swiglu_row
+from .cpu_kernels import (
+    BlockParts,
+    BlockSteps,
+    Norm,
+    Product,
+    QuantProduct,
+    decode_attention,
+    linear_row,
+    rms_norm,
+    swiglu_row,
+)
 from .cpu_memory import place_weights
-from .gptq_kernels import quant_linear_row
+from .gptq_kernels import quant_linear, quant_product, row_function
 from .kv_cache import GrowingLayer
 from .modeling_qwen import (
     QWEN_ATTENTION_FUNCTIONS,
@@ -246,17 +256,21 @@ _SWAPS = {nn.Linear: CPULinear, QWenRMSNorm: CPURMSNorm, QWenMLP: CPUMLP}
 _BUILT_CLASSES = frozenset({CPULinear, CPURMSNorm, CPUMLP, QWenAttention, QWenBlock})
 
 
-def _as_built(module: nn.Module | None) -> bool:
-    """A module of the engine's installed classes (not replaced by an adapter's or
-    quantizer's), with no hooks, no patched forward and not compiled on its own
-    (``module.compile()``): calling it runs exactly that class's code."""
+def _plain_call(module: nn.Module) -> bool:
+    """No hooks, no patched forward and not compiled on its own (``module.compile()``):
+    calling ``module`` runs exactly its class's code."""
     return (
-        type(module) in _BUILT_CLASSES
-        and not module._forward_hooks
+        not module._forward_hooks
         and not module._forward_pre_hooks
         and "forward" not in module.__dict__
         and module._compiled_call_impl is None
     )
+
+
+def _as_built(module: nn.Module | None) -> bool:
+    """A module of the engine's installed classes (not replaced by an adapter's or
+    quantizer's) whose call runs exactly that class's code."""
+    return type(module) in _BUILT_CLASSES and _plain_call(module)
 
 
 def pack_for_cpu_batches(model: nn.Module, rows: int) -> int:
@@ -285,19 +299,21 @@ def pack_for_cpu_batches(model: nn.Module, rows: int) -> int:
 # --------------------------------------------------------------------------- GPTQ linears
 
 
-class CPUGPTQRow:
+class CPUGPTQLinear:
     """Mixed into gptqmodel's ``TorchLinear`` (the ``gptq_torch`` backend) by :func:`install`:
-    one row in inference goes through the C kernel on the packed weights
-    (:func:`.gptq_kernels.quant_linear_row`); everything else through the library's code."""
+    inference goes through the C kernels on the packed weights (one row: the one-row
+    product; several: the weight dequantized to float32 a block at a time and torch's
+    product, :func:`.gptq_kernels.quant_linear`); training and adapters through the
+    library's code."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = quant_linear_row(self, x)
+        out = quant_linear(self, x)
         return super().forward(x) if out is None else out
 
 
 @functools.cache
 def _gptq_row_class(base: type) -> type:
-    return type(f"CPU{base.__name__}", (CPUGPTQRow, base), {"__module__": __name__})
+    return type(f"CPU{base.__name__}", (CPUGPTQLinear, base), {"__module__": __name__})
 
 
 def _gptq_swap(cls: type) -> type | None:
@@ -351,11 +367,22 @@ def _block_parts(block: nn.Module) -> BlockParts | None:
     if not (_as_built(ln_1) and _as_built(attn) and _as_built(ln_2) and _as_built(mlp)):
         return None
     linears = (attn._modules.get("c_attn"), attn._modules.get("c_proj"), *map(mlp._modules.get, ("w1", "w2", "c_proj")))
-    if not all(_as_built(module) for module in linears):
+    products = [_product(module) for module in linears]
+    if any(product is None for product in products):
         return None
-    c_attn, c_proj, w1, w2, mlp_proj = (Product(m._parameters["weight"], m._parameters["bias"]) for m in linears)
+    c_attn, c_proj, w1, w2, mlp_proj = products
     norm_1, norm_2 = (Norm(ln._parameters["weight"], ln.eps) for ln in (ln_1, ln_2))
     return BlockParts(norm_1, c_attn, c_proj, norm_2, w1, w2, mlp_proj, attn.scaling)
+
+
+def _product(module: nn.Module | None) -> Product | QuantProduct | None:
+    """A linear's weights for the all-blocks step: a built ``CPULinear``'s bf16 weight, or a
+    GPTQ linear's packed tensors where its one-row product goes through the GPTQ kernel."""
+    if _as_built(module):
+        return Product(module._parameters["weight"], module._parameters["bias"])
+    if isinstance(module, CPUGPTQLinear) and _plain_call(module):
+        return quant_product(module)
+    return None
 
 
 def decode_all_blocks(model, x: torch.Tensor, rotary: tuple, logn, masks: list, cache: Cache | None):
@@ -363,8 +390,9 @@ def decode_all_blocks(model, x: torch.Tensor, rotary: tuple, logn, masks: list, 
     one C call (:class:`~.cpu_kernels.BlockSteps`, which writes the step's keys and values
     into the cache's buffers itself); the same arithmetic as the blocks one by one. Needs
     one token, no logN factor, SDPA selected, a ``DynamicCache`` of
-    :class:`~.kv_cache.GrowingLayer`s with something cached, and every block as built;
-    None (nothing done) otherwise."""
+    :class:`~.kv_cache.GrowingLayer`s with something cached, and every block as built (its
+    linears bf16 ``CPULinear``s or GPTQ linears the GPTQ kernel takes); None (nothing done)
+    otherwise."""
     if (
         x.shape[:2] != (1, 1)
         or logn is not None
@@ -375,14 +403,22 @@ def decode_all_blocks(model, x: torch.Tensor, rotary: tuple, logn, masks: list, 
     if model.config._attn_implementation != "sdpa" or type(model.h) is not nn.ModuleList or _global_module_hooks():
         return None
     blocks = list(model.h._modules.values())
-    steps = BlockSteps(x, *rotary, model.config.num_attention_heads, model.config.kv_channels)
-    if not steps.ok or len(masks) != len(blocks):
+    if len(masks) != len(blocks):
+        return None
+    every_parts = [_block_parts(block) for block in blocks]
+    if any(parts is None for parts in every_parts):
+        return None
+    quantized = any(
+        isinstance(getattr(parts, name), QuantProduct)
+        for parts in every_parts
+        for name in ("c_attn", "c_proj", "w1", "w2", "mlp_proj")
+    )
+    gptq = row_function() if quantized else None
+    steps = BlockSteps(x, *rotary, model.config.num_attention_heads, model.config.kv_channels, gptq_row=gptq)
+    if not steps.ok:
         return None
     layers, filled = cache.layers, []
-    for block, mask in zip(blocks, masks, strict=True):
-        parts = _block_parts(block)
-        if parts is None:
-            return None
+    for block, mask, parts in zip(blocks, masks, every_parts, strict=True):
         index = block._modules["attn"].layer_idx
         layer = layers[index] if index < len(layers) else None
         room = layer.room_for_one() if type(layer) is GrowingLayer else None
@@ -474,7 +510,7 @@ def uninstall(model: nn.Module) -> nn.Module:
         return model
     plain = {swap: base for base, swap in _SWAPS.items()}
     for module in model.modules():
-        base = plain.get(type(module)) or (type(module).__bases__[1] if isinstance(module, CPUGPTQRow) else None)
+        base = plain.get(type(module)) or (type(module).__bases__[1] if isinstance(module, CPUGPTQLinear) else None)
         if base is not None:
             module.__class__ = base
             module.__dict__.pop("_packed", None)

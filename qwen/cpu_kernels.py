@@ -83,17 +83,34 @@ _ENTRY_POINTS: dict[str, tuple[tuple[str, str], ...]] = {
     "decode_blocks": (
         ("table", "const int64_t *"), ("reals", _F32_IN), ("n_blocks", _I64), ("x", _IN), ("out", _OUT),
         ("hidden", _I64), ("H", _I64), ("D", _I64), ("rot", _I64), ("cos", _F32_IN), ("sin", _F32_IN),
-        ("threads", _INT), ("work", _OUT), ("scores", _F32_OUT),
+        ("threads", _INT), ("work", _OUT), ("scores", _F32_OUT), ("gptq", "gptq_row_fn"), ("gptq_scratch", _F32_OUT),
     ),
 }  # fmt: skip
 
-# One block's fields in qwen_decode_blocks_bf16's table, C enums B_<NAME> (int64: pointers as
-# addresses, strides in elements) and R_<NAME> (float32); :meth:`BlockSteps.add` fills them by name.
-_PRODUCTS = {name: (name, f"{name}_ld", f"{name}_bias") for name in ("c_attn", "c_proj", "w1", "w2", "mlp_proj")}
-_BLOCK_FIELDS = (
-    "ln_1", "ln_2", *(field for fields in _PRODUCTS.values() for field in fields),
-    "keys", "keys_head", "keys_pos", "values", "values_head", "values_pos", "position", "keep", "width",
+# qwen_gptq_row, the one-row product on GPTQ weights of gptq_kernels.py's library: its arguments,
+# declared here because the block step calls it through a pointer (C type gptq_row_fn), and the
+# dtype codes it takes (C enum DT_<NAME>, in this order). gptq_kernels.py declares its
+# definition with the same tuples.
+GPTQ_ROW_ARGUMENTS: tuple[tuple[str, str], ...] = (
+    ("x", "const void *"), ("x_dtype", _INT), ("qweight", "const int32_t *"), ("qzeros", "const int32_t *"),
+    ("scales", "const uint16_t *"), ("bias", "const void *"), ("bias_dtype", _INT), ("out", "void *"),
+    ("N", _I64), ("K", _I64), ("group_size", _I64), ("bits", _INT), ("zero_add", _INT), ("threads", _INT),
+    ("scratch", "float *"),
 )  # fmt: skip
+GPTQ_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+GPTQ_DTYPE_NAMES = tuple(GPTQ_DTYPES.values())
+GPTQ_DTYPE_CODE = {dtype: code for code, dtype in enumerate(GPTQ_DTYPES)}
+
+# One block's row of qwen_decode_blocks_bf16's table (int64: pointers as addresses, strides in
+# elements): the fields _BLOCK_FIELDS (C enum B_<NAME>), then the products _PRODUCTS, each the
+# fields _PRODUCT_FIELDS (C enum P_<NAME>, from B_<PRODUCT>: a bf16 weight with bits 0, or the
+# GPTQ tensors as qwen_gptq_row takes them, the packed integers as the weight); and its reals
+# (float32, R_<NAME>). :meth:`BlockSteps.add` fills them by name.
+_BLOCK_FIELDS = (
+    "ln_1", "ln_2", "keys", "keys_head", "keys_pos", "values", "values_head", "values_pos", "position", "keep", "width"
+)  # fmt: skip
+_PRODUCTS = ("c_attn", "c_proj", "w1", "w2", "mlp_proj")
+_PRODUCT_FIELDS = ("weight", "ld", "bias", "bias_dtype", "qzeros", "scales", "bits", "group_size", "zero_add")
 _BLOCK_REALS = ("ln_1_eps", "ln_2_eps", "scaling")
 
 
@@ -103,15 +120,36 @@ def prototype(symbol: str, arguments) -> str:
     return f"void {symbol}({', '.join(parameters)});\n"
 
 
-def _source(entry_points=_ENTRY_POINTS, block_fields=_BLOCK_FIELDS, block_reals=_BLOCK_REALS) -> str:
+def enum(prefix: str, names, last: str = "FIELDS") -> str:
+    """A C enum of ``<PREFIX>_<NAME>`` for ``names`` in order, then ``<PREFIX>_<LAST>``."""
+    return "enum { " + "".join(f"{prefix}_{name.upper()}, " for name in names) + f"{prefix}_{last} }};\n"
+
+
+def _source(
+    entry_points=_ENTRY_POINTS,
+    block_fields=_BLOCK_FIELDS,
+    block_reals=_BLOCK_REALS,
+    products=_PRODUCTS,
+    product_fields=_PRODUCT_FIELDS,
+    gptq_row=GPTQ_ROW_ARGUMENTS,
+    dtypes=GPTQ_DTYPE_NAMES,
+) -> str:
     """The C source as compiled: a header generated from the declarations (the entry points'
-    prototypes, the table's field enums), then the definitions."""
-
-    def enum(prefix: str, names) -> str:
-        return "enum { " + "".join(f"{prefix}_{name.upper()}, " for name in names) + f"{prefix}_FIELDS }};\n"
-
+    prototypes, the GPTQ product's function type and dtype codes, the table's field enums),
+    then the definitions."""
     prototypes = "".join(prototype(f"qwen_{name}_bf16", arguments) for name, arguments in entry_points.items())
-    header = "#include <stdint.h>\n" + prototypes + enum("B", block_fields) + enum("R", block_reals)
+    starts = [f"{name} = B_PRODUCTS + {i} * P_FIELDS" for i, name in enumerate(products)]  # each P_FIELDS long
+    table = enum("B", [*block_fields, "products", *starts], f"FIELDS = B_PRODUCTS + {len(products)} * P_FIELDS")
+    header = (
+        "#include <stdint.h>\n"
+        + "typedef "
+        + prototype("(*gptq_row_fn)", gptq_row)
+        + enum("DT", dtypes, "COUNT")
+        + prototypes
+        + enum("P", product_fields)
+        + table
+        + enum("R", block_reals)
+    )
     return "/* generated from cpu_kernels.py's declarations */\n" + header + _DEFINITIONS
 
 
@@ -309,7 +347,13 @@ void qwen_linear_row_bf16(const uint16_t *W, int64_t ldw, const uint16_t *x, con
     }
 }
 
-/* out[n] = bf16(a * bf16(silu(g))) with a = bf16(W1[n] . x + b1[n]), g = bf16(W2[n] . x + b2[n]):
+/* bf16(a * bf16(silu(g))) of bf16 a and g: torch's a * F.silu(g) in bf16. */
+static inline uint16_t swiglu(uint16_t a, uint16_t g) {
+    float gf = bf16_to_float(g);
+    return float_to_bf16(bf16_to_float(a) * bf16_to_float(float_to_bf16(gf / (1.f + expf(-gf)))));
+}
+
+/* out[n] = swiglu(a, g) with a = bf16(W1[n] . x + b1[n]), g = bf16(W2[n] . x + b2[n]):
    torch's w1(x) * F.silu(w2(x)) in bf16, rounded at the same points; norm_w as in
    qwen_linear_row_bf16. */
 void qwen_swiglu_row_bf16(const uint16_t *W1, int64_t ld1, const uint16_t *b1, const uint16_t *W2, int64_t ld2,
@@ -318,12 +362,8 @@ void qwen_swiglu_row_bf16(const uint16_t *W1, int64_t ld1, const uint16_t *b1, c
     if (norm_w) { norm_row(x, norm_w, eps, K, scratch); x = scratch; }
     int64_t chunk = row_chunk(K);
     #pragma omp parallel for num_threads(threads) schedule(dynamic, chunk)
-    for (int64_t n = 0; n < N; n++) {
-        float a = bf16_to_float(float_to_bf16(row_out(W1, ld1, x, b1, n, K)));
-        float g = bf16_to_float(float_to_bf16(row_out(W2, ld2, x, b2, n, K)));
-        float gate = bf16_to_float(float_to_bf16(g / (1.f + expf(-g))));
-        out[n] = float_to_bf16(a * gate);
-    }
+    for (int64_t n = 0; n < N; n++)
+        out[n] = swiglu(float_to_bf16(row_out(W1, ld1, x, b1, n, K)), float_to_bf16(row_out(W2, ld2, x, b2, n, K)));
 }
 
 /* out[r] = norm_row(x[r]) for rows xs apart. */
@@ -347,48 +387,80 @@ static void rotate_head(uint16_t *x, const float *c, const float *s, int64_t rot
     for (int64_t d = 0; d < rot; d++) x[d] = r[d];
 }
 
+#define FIELD_PTR(type, value) ((type)(intptr_t)(value))
+
+/* The product whose P_* fields start at p: out = bf16(W x + bias) for one row x of K, W (N, K) in bf16 (P_BITS 0:
+   qwen_linear_row_bf16) or GPTQ (through gptq, qwen_gptq_row of gptq_kernels.py's library, on the packed
+   integers; float32 inside, rounded once). norm_w (else NULL): x normalized first as norm_row does, into scratch
+   (K values); residual (else NULL): out = bf16(residual + that). GPTQ biases in any DT_* dtype (P_BIAS_DTYPE).
+   fscratch: 2 * K floats for gptq. */
+static void project(const int64_t *p, gptq_row_fn gptq, const uint16_t *x, const uint16_t *norm_w, float eps,
+                    const uint16_t *residual, uint16_t *out, int64_t N, int64_t K, int threads, uint16_t *scratch,
+                    float *fscratch) {
+    if (p[P_BITS] == 0) {
+        qwen_linear_row_bf16(FIELD_PTR(const uint16_t *, p[P_WEIGHT]), p[P_LD], x, norm_w, eps,
+                             FIELD_PTR(const uint16_t *, p[P_BIAS]), residual, out, N, K, threads, scratch);
+        return;
+    }
+    if (norm_w) { norm_row(x, norm_w, eps, K, scratch); x = scratch; }
+    gptq(x, DT_BF16, FIELD_PTR(const int32_t *, p[P_WEIGHT]), FIELD_PTR(const int32_t *, p[P_QZEROS]),
+         FIELD_PTR(const uint16_t *, p[P_SCALES]), FIELD_PTR(const void *, p[P_BIAS]), (int)p[P_BIAS_DTYPE], out, N, K,
+         p[P_GROUP_SIZE], (int)p[P_BITS], (int)p[P_ZERO_ADD], threads, fscratch);
+    if (residual)
+        for (int64_t n = 0; n < N; n++) out[n] = float_to_bf16(bf16_to_float(residual[n]) + bf16_to_float(out[n]));
+}
+
 /* Every block of a one-sequence decoding step, with nothing in between: ln_1 + c_attn + rotary;
    the key and value rows written at B_POSITION of the block's cache (strides in elements);
    attention over positions 0..B_POSITION (B_KEEP: B_POSITION + 1 bytes, or 0); c_proj + the
    residual; ln_2 + w1/w2 + gate; the MLP's c_proj + the residual. Block i's fields are
-   table[i * B_FIELDS + B_<NAME>] and reals[i * R_FIELDS + R_<NAME>] (the enums generated from
-   _BLOCK_FIELDS and _BLOCK_REALS). x: the first block's input (hidden values), out: the last
-   block's output. work: bf16 scratch of 3 * H * D (qkv) + H * D (attention) + 3 * hidden (h,
-   two block outputs) + max width + hidden; scores: float scratch of H * (max positions + 2 * D). */
+   table[i * B_FIELDS + B_<NAME>], its products' table[i * B_FIELDS + B_<PRODUCT> + P_<NAME>], and
+   reals[i * R_FIELDS + R_<NAME>] (the enums generated from cpu_kernels.py's declarations); products
+   in bf16 or GPTQ (through gptq, which may be NULL where none is). x: the first block's input
+   (hidden values), out: the last block's output. work: bf16 scratch of 3 * H * D (qkv) + H * D
+   (attention) + 3 * hidden (h, two block outputs) + 2 * max width + hidden; scores: float scratch of
+   H * (max positions + 2 * D); gptq_scratch: 2 * max(hidden, width, H * D) floats (or NULL: no GPTQ). */
 void qwen_decode_blocks_bf16(const int64_t *table, const float *reals, int64_t n_blocks, const uint16_t *x,
                              uint16_t *out, int64_t hidden, int64_t H, int64_t D, int64_t rot, const float *cos,
-                             const float *sin, int threads, uint16_t *work, float *scores) {
+                             const float *sin, int threads, uint16_t *work, float *scores, gptq_row_fn gptq,
+                             float *gptq_scratch) {
     uint16_t *qkv = work, *att = qkv + 3 * H * D, *h = att + H * D, *xs[2] = {h + hidden, h + 2 * hidden};
     uint16_t *gated = h + 3 * hidden;
     for (int64_t i = 0; i < n_blocks; i++) {
         const int64_t *f = table + i * B_FIELDS;
         const float *r = reals + i * R_FIELDS;
+        const int64_t *w1 = f + B_W1, *w2 = f + B_W2, width = f[B_WIDTH], pos = f[B_POSITION];
         const uint16_t *in = i == 0 ? x : xs[(i - 1) & 1];
         uint16_t *next = i == n_blocks - 1 ? out : xs[i & 1];
-        uint16_t *norm_scratch = gated + f[B_WIDTH];
-        int64_t pos = f[B_POSITION];
-        #define P(field) ((uint16_t *)(intptr_t)f[field])
-        qwen_linear_row_bf16(P(B_C_ATTN), f[B_C_ATTN_LD], in, P(B_LN_1), r[R_LN_1_EPS], P(B_C_ATTN_BIAS), 0, qkv,
-                             3 * H * D, hidden, threads, norm_scratch);
+        uint16_t *norm_scratch = gated + width, *gate_in = norm_scratch + hidden;
+        project(f + B_C_ATTN, gptq, in, FIELD_PTR(const uint16_t *, f[B_LN_1]), r[R_LN_1_EPS], 0, qkv, 3 * H * D,
+                hidden, threads, norm_scratch, gptq_scratch);
         for (int64_t j = 0; j < 2 * H; j++) rotate_head(qkv + j * D, cos, sin, rot);  /* queries and keys */
-        uint16_t *kc = P(B_KEYS), *vc = P(B_VALUES);
+        uint16_t *kc = FIELD_PTR(uint16_t *, f[B_KEYS]), *vc = FIELD_PTR(uint16_t *, f[B_VALUES]);
         for (int64_t j = 0; j < H; j++)
             for (int64_t d = 0; d < D; d++) {
                 kc[j * f[B_KEYS_HEAD] + pos * f[B_KEYS_POS] + d] = qkv[(H + j) * D + d];
                 vc[j * f[B_VALUES_HEAD] + pos * f[B_VALUES_POS] + d] = qkv[(2 * H + j) * D + d];
             }
         qwen_decode_attention_bf16(qkv, 0, D, kc, 0, f[B_KEYS_HEAD], f[B_KEYS_POS], vc, 0, f[B_VALUES_HEAD],
-                                   f[B_VALUES_POS], (const uint8_t *)(intptr_t)f[B_KEEP], 0, att, 1, H, pos + 1, D,
+                                   f[B_VALUES_POS], FIELD_PTR(const uint8_t *, f[B_KEEP]), 0, att, 1, H, pos + 1, D,
                                    r[R_SCALING], threads, scores);
-        qwen_linear_row_bf16(P(B_C_PROJ), f[B_C_PROJ_LD], att, 0, 0.f, P(B_C_PROJ_BIAS), in, h, hidden, H * D,
-                             threads, 0);
-        qwen_swiglu_row_bf16(P(B_W1), f[B_W1_LD], P(B_W1_BIAS), P(B_W2), f[B_W2_LD], P(B_W2_BIAS), h, P(B_LN_2),
-                             r[R_LN_2_EPS], gated, f[B_WIDTH], hidden, threads, norm_scratch);
-        qwen_linear_row_bf16(P(B_MLP_PROJ), f[B_MLP_PROJ_LD], gated, 0, 0.f, P(B_MLP_PROJ_BIAS), h, next, hidden,
-                             f[B_WIDTH], threads, 0);
-        #undef P
+        project(f + B_C_PROJ, gptq, att, 0, 0.f, in, h, hidden, H * D, threads, 0, gptq_scratch);
+        const uint16_t *ln_2 = FIELD_PTR(const uint16_t *, f[B_LN_2]);
+        if (w1[P_BITS] == 0 && w2[P_BITS] == 0) {
+            qwen_swiglu_row_bf16(FIELD_PTR(const uint16_t *, w1[P_WEIGHT]), w1[P_LD], FIELD_PTR(const uint16_t *, w1[P_BIAS]),
+                                 FIELD_PTR(const uint16_t *, w2[P_WEIGHT]), w2[P_LD], FIELD_PTR(const uint16_t *, w2[P_BIAS]),
+                                 h, ln_2, r[R_LN_2_EPS], gated, width, hidden, threads, norm_scratch);
+        } else {
+            norm_row(h, ln_2, r[R_LN_2_EPS], hidden, norm_scratch);
+            project(w1, gptq, norm_scratch, 0, 0.f, 0, gated, width, hidden, threads, 0, gptq_scratch);
+            project(w2, gptq, norm_scratch, 0, 0.f, 0, gate_in, width, hidden, threads, 0, gptq_scratch);
+            for (int64_t n = 0; n < width; n++) gated[n] = swiglu(gated[n], gate_in[n]);
+        }
+        project(f + B_MLP_PROJ, gptq, gated, 0, 0.f, h, next, hidden, width, threads, 0, gptq_scratch);
     }
 }
+#undef FIELD_PTR
 """
 )
 
@@ -506,7 +578,9 @@ def _entry_point(library: ctypes.CDLL, name: str, arguments: tuple[tuple[str, st
     names = ", ".join(argument for argument, _ in arguments)
     namespace = {"function": function}
     exec(f"def {symbol}(*, {names}) -> None:\n    function({names})", namespace)
-    return namespace[symbol]
+    bound = namespace[symbol]
+    bound.address = ctypes.cast(function, ctypes.c_void_p).value  # for C code that calls it through a pointer
+    return bound
 
 
 def load_library(
@@ -712,6 +786,23 @@ class Product:
 
 
 @dataclasses.dataclass(frozen=True)
+class QuantProduct:
+    """A GPTQ linear layer's tensors as ``gptq_kernels.gptq_row`` takes them (checked there, by
+    ``gptq_kernels.quant_product``): packed ``qweight`` (K * bits / 32, N), ``qzeros`` holding
+    ``z - zero_add``, float16 ``scales``, groups of ``group_size`` consecutive inputs."""
+
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    bias: torch.Tensor | None
+    bits: int
+    group_size: int
+    zero_add: int
+    n_in: int
+    n_out: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Norm:
     """An RMSNorm's weight and epsilon."""
 
@@ -721,21 +812,37 @@ class Norm:
 
 @dataclasses.dataclass(frozen=True)
 class BlockParts:
-    """What one block of a one-row decoding step reads: its norms, its products and the
-    attention's scaling."""
+    """What one block of a one-row decoding step reads: its norms, its products (bf16 or
+    GPTQ) and the attention's scaling."""
 
     ln_1: Norm
-    c_attn: Product
-    c_proj: Product
+    c_attn: Product | QuantProduct
+    c_proj: Product | QuantProduct
     ln_2: Norm
-    w1: Product
-    w2: Product
-    mlp_proj: Product
+    w1: Product | QuantProduct
+    w2: Product | QuantProduct
+    mlp_proj: Product | QuantProduct
     scaling: float
 
 
-def _product(p: Product, n_in: int, n_out: int) -> bool:
+def _product(p: Product | QuantProduct, n_in: int, n_out: int) -> bool:
+    if isinstance(p, QuantProduct):  # its tensors checked where it was made
+        return p.n_in == n_in and p.n_out == n_out
     return _matrix(p.weight, p.bias, n_in) and p.weight.shape[0] == n_out
+
+
+def _product_fields(p: Product | QuantProduct) -> dict[str, int]:
+    """A product's ``_PRODUCT_FIELDS`` in the table: a bf16 weight with bits 0, or GPTQ tensors."""
+    if isinstance(p, QuantProduct):
+        return {
+            "weight": p.qweight.data_ptr(), "ld": 0, "bias": _ptr(p.bias) or 0,
+            "bias_dtype": 0 if p.bias is None else GPTQ_DTYPE_CODE[p.bias.dtype], "qzeros": p.qzeros.data_ptr(),
+            "scales": p.scales.data_ptr(), "bits": p.bits, "group_size": p.group_size, "zero_add": p.zero_add,
+        }  # fmt: skip
+    return {
+        "weight": p.weight.data_ptr(), "ld": p.weight.stride(0), "bias": _ptr(p.bias) or 0, "bias_dtype": 0,
+        "qzeros": 0, "scales": 0, "bits": 0, "group_size": 0, "zero_add": 0,
+    }  # fmt: skip
 
 
 def _by_name(values: dict, names: tuple[str, ...]) -> list:
@@ -754,12 +861,23 @@ class BlockSteps:
     all of them in one C call (``qwen_decode_blocks_bf16``), with no Python between the
     blocks' kernels. ``x``: the first block's input, one bf16 row (1, 1, hidden);
     ``cos``/``signed_sin``: the step's float32 rotary tables, ``rot`` values each (sin
-    negated on the first half). Each :meth:`add` checks one block's weights and cache and
-    says whether it can be taken (if not, :meth:`run` runs nothing); ``ok`` says whether
-    every check so far has passed."""
+    negated on the first half); ``gptq_row``: the address of ``qwen_gptq_row`` (the GPTQ
+    kernel library's, ``gptq_kernels.row_function()``) for blocks with GPTQ products (None:
+    bf16 products only). Each :meth:`add` checks one block's weights and cache and says
+    whether it can be taken (if not, :meth:`run` runs nothing); ``ok`` says whether every
+    check so far has passed."""
 
-    def __init__(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, heads: int, dim: int):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        signed_sin: torch.Tensor,
+        heads: int,
+        dim: int,
+        gptq_row: int | None = None,
+    ):
         self.x, self.cos, self.sin, self.heads, self.dim = x, cos, signed_sin, heads, dim
+        self.gptq_row = gptq_row
         self.hidden = x.shape[-1]
         rot = cos.shape[-1]
         self.ok = (
@@ -802,9 +920,12 @@ class BlockSteps:
         and the boolean (1, 1, 1, position + 1) mask of those positions (None: all). False
         (and the step not to be run) where anything does not fit."""
         hidden, projection = self.hidden, self.heads * self.dim
-        width = parts.w1.weight.shape[0] if parts.w1.weight.dim() == 2 else 0
+        products = [getattr(parts, name) for name in _PRODUCTS]
+        w1 = parts.w1
+        width = w1.n_out if isinstance(w1, QuantProduct) else w1.weight.shape[0] if w1.weight.dim() == 2 else 0
         self.ok = (
             self.ok
+            and (self.gptq_row is not None or not any(isinstance(p, QuantProduct) for p in products))
             and _vector(parts.ln_1.weight, hidden)
             and _vector(parts.ln_2.weight, hidden)
             and _product(parts.c_attn, hidden, 3 * projection)
@@ -833,12 +954,11 @@ class BlockSteps:
             "values": values.data_ptr(), "values_head": values.stride(1), "values_pos": values.stride(2),
             "position": int(position), "keep": _ptr(keep) or 0, "width": width,
         }  # fmt: skip
-        for name, (weight_field, ld_field, bias_field) in _PRODUCTS.items():
-            product: Product = getattr(parts, name)
-            fields[weight_field], fields[ld_field] = product.weight.data_ptr(), product.weight.stride(0)
-            fields[bias_field] = _ptr(product.bias) or 0
+        row = _by_name(fields, _BLOCK_FIELDS)
+        for product in products:
+            row += _by_name(_product_fields(product), _PRODUCT_FIELDS)
         reals = {"ln_1_eps": float(parts.ln_1.eps), "ln_2_eps": float(parts.ln_2.eps), "scaling": float(parts.scaling)}
-        self.table.append(_by_name(fields, _BLOCK_FIELDS))
+        self.table.append(row)
         self.reals.append(_by_name(reals, _BLOCK_REALS))
         self.keep_alive.append((parts, keys, values, keep))
         self.width, self.length = max(self.width, width), max(self.length, position + 1)
@@ -853,12 +973,14 @@ class BlockSteps:
         table = torch.tensor(self.table, dtype=torch.int64, device=_CPU)
         reals = torch.tensor(self.reals, dtype=torch.float32, device=_CPU)
         heads, dim, hidden = self.heads, self.dim, self.hidden
-        work = _bf16((4 * heads * dim + 4 * hidden + self.width,))
+        work = _bf16((4 * heads * dim + 4 * hidden + 2 * self.width,))
         scores = torch.empty(heads * (self.length + 2 * dim), dtype=torch.float32, device=_CPU)
+        gptq_scratch = torch.empty(2 * max(hidden, self.width, heads * dim), dtype=torch.float32, device=_CPU)
         out = _bf16(self.x.shape)
         _kernel().decode_blocks(
             table=table.data_ptr(), reals=reals.data_ptr(), n_blocks=len(self.table), x=self.x.data_ptr(),
             out=out.data_ptr(), hidden=hidden, H=heads, D=dim, rot=self.cos.shape[-1], cos=self.cos.data_ptr(),
             sin=self.sin.data_ptr(), threads=torch.get_num_threads(), work=work.data_ptr(), scores=scores.data_ptr(),
+            gptq=self.gptq_row, gptq_scratch=gptq_scratch.data_ptr(),
         )  # fmt: skip
         return out

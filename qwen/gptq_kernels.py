@@ -44,24 +44,34 @@ from types import SimpleNamespace
 import torch
 
 from . import cpu_kernels
-from .cpu_kernels import _I64, _INT, BF16_C, prototype
+from .cpu_kernels import (
+    _I64,
+    _INT,
+    BF16_C,
+    GPTQ_DTYPE_CODE,
+    GPTQ_DTYPE_NAMES,
+    GPTQ_DTYPES,
+    GPTQ_ROW_ARGUMENTS,
+    QuantProduct,
+    enum,
+    prototype,
+)
 
 logger = logging.getLogger(__name__)
 
 _CPU = torch.device("cpu")
 
-# The dtypes the kernel reads and writes, as the C enum DT_<NAME> (in this order).
-_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-_DTYPE_NAMES = tuple(_DTYPES.values())
-_DTYPE_CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
+# The dtypes the kernels read and write, as the C enum DT_<NAME> (declared in cpu_kernels.py, whose
+# block step calls qwen_gptq_row through a pointer).
+_DTYPES, _DTYPE_CODE = GPTQ_DTYPES, GPTQ_DTYPE_CODE
 BITS = (2, 4, 8)
 
 _ENTRY_POINTS: dict[str, tuple[tuple[str, str], ...]] = {
-    "gptq_row": (
-        ("x", "const void *"), ("x_dtype", _INT), ("qweight", "const int32_t *"), ("qzeros", "const int32_t *"),
-        ("scales", "const uint16_t *"), ("bias", "const void *"), ("bias_dtype", _INT), ("out", "void *"),
-        ("N", _I64), ("K", _I64), ("group_size", _I64), ("bits", _INT), ("zero_add", _INT), ("threads", _INT),
-        ("scratch", "float *"),
+    "gptq_row": GPTQ_ROW_ARGUMENTS,
+    "gptq_dequant": (
+        ("qweight", "const int32_t *"), ("qzeros", "const int32_t *"), ("scales", "const uint16_t *"),
+        ("out", "float *"), ("ldo", _I64), ("N", _I64), ("K", _I64), ("c0", _I64), ("n", _I64),
+        ("group_size", _I64), ("bits", _INT), ("zero_add", _INT), ("threads", _INT), ("scratch", "float *"),
     ),
 }  # fmt: skip
 
@@ -70,11 +80,10 @@ def _symbol(name: str) -> str:
     return f"qwen_{name}"
 
 
-def _source(entry_points=_ENTRY_POINTS, dtypes=_DTYPE_NAMES) -> str:
+def _source(entry_points=_ENTRY_POINTS, dtypes=GPTQ_DTYPE_NAMES) -> str:
     """The C source as compiled: a header generated from the declarations, then the definitions."""
     prototypes = "".join(prototype(_symbol(name), arguments) for name, arguments in entry_points.items())
-    enum = "enum { " + "".join(f"DT_{name}, " for name in dtypes) + "DT_COUNT };\n"
-    header = "#include <stdint.h>\n" + prototypes + enum
+    header = "#include <stdint.h>\n" + prototypes + enum("DT", dtypes, "COUNT")
     return "/* generated from gptq_kernels.py's declarations */\n" + header + _DEFINITIONS
 
 
@@ -312,6 +321,39 @@ void qwen_gptq_row(const void *x, int x_dtype, const int32_t *qweight, const int
             store_as(out, x_dtype, c0 + c, bias ? tot[c] + load_as_float(bias, bias_dtype, c0 + c) : tot[c]);
     }
 }
+
+/* out[i * ldo + c] = scales[g, c0 + c] * (q[c0 + c, i] - z[g, c0 + c]) in float32, g = i / group_size, for i < K and
+   c < n: the dequantized weight of outputs c0..c0 + n - 1, transposed (exact: an 11-bit scale times an integer of
+   at most 9 bits). Tensors as in qwen_gptq_row. scratch: 2 * (K / group_size) * n floats (each group's zero points
+   and scales). Threads take whole rows of qweight. */
+void qwen_gptq_dequant(const int32_t *qweight, const int32_t *qzeros, const uint16_t *scales, float *out,
+                       int64_t ldo, int64_t N, int64_t K, int64_t c0, int64_t n, int64_t group_size, int bits,
+                       int zero_add, int threads, float *scratch) {
+    const int per = 32 / bits;
+    const uint32_t maxq = (1u << bits) - 1u;
+    const int64_t ldz = (N + per - 1) / per, groups = K / group_size, rows = K / per;
+    float *zf = scratch, *sf = scratch + groups * n;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        const uint32_t *zw = (const uint32_t *)qzeros + g * ldz;
+        for (int64_t c = 0; c < n; c++) {
+            const int64_t col = c0 + c;
+            zf[g * n + c] = (float)((int32_t)((zw[col / per] >> (bits * (col % per))) & maxq) + zero_add);
+        }
+        halves_to_floats(scales + g * N + c0, sf + g * n, n);
+    }
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint32_t *w = (const uint32_t *)qweight + r * N + c0;
+        const int64_t g = r * per / group_size;
+        const float *z = zf + g * n, *s = sf + g * n;
+        for (int j = 0; j < per; j++) {
+            float *o = out + (r * per + j) * ldo;
+            #pragma omp simd
+            for (int64_t c = 0; c < n; c++) o[c] = s[c] * ((float)(int32_t)((w[c] >> (bits * j)) & maxq) - z[c]);
+        }
+    }
+}
 """
 )
 
@@ -347,30 +389,14 @@ def _int32_matrix(t: torch.Tensor, shape: tuple[int, int]) -> bool:
     return t.dtype == torch.int32 and t.is_cpu and tuple(t.shape) == shape and t.is_contiguous()
 
 
-def gptq_row(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    qzeros: torch.Tensor,
-    scales: torch.Tensor,
-    bias: torch.Tensor | None,
-    bits: int,
-    group_size: int,
-    zero_offset: int = 1,
-) -> torch.Tensor | None:
-    """``x @ W.T + bias`` for one row ``x`` (shape (..., K), one row in all; float32, bfloat16
-    or float16) and the GPTQ weight ``W`` (N, K) of ``qweight``/``qzeros``/``scales`` with
-    ``g_idx == i // group_size``; ``qzeros`` holds ``z - zero_offset`` (1 in the checkpoint
-    format, 0 in gptqmodel's in-memory "v2" format). Returns a tensor of ``x``'s dtype and
-    shape (..., N), or ``None`` where the kernel does not apply (other dtypes, layouts or
-    devices, more than one row, autograd, tracing, or no kernel)."""
-    if x.dtype not in _DTYPES or not x.is_cpu or x.dim() == 0 or x.numel() != x.shape[-1] or x.stride(-1) != 1:
-        return None
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return None
+def _weights_checked(n_in: int, qweight, qzeros, scales, bias, bits, group_size) -> tuple[int, int] | None:
+    """(N, groups) where the kernels take the GPTQ tensors of an (N, ``n_in``) weight as declared
+    in :func:`gptq_row` (int32 packing, float16 scales, contiguous, on CPU; a bias of a dtype of
+    ``_DTYPES``); else None."""
     if bits not in BITS or qweight.dim() != 2:
         return None
     per = 32 // bits
-    n_in, n_out = x.shape[-1], qweight.shape[1]
+    n_out = qweight.shape[1]
     if group_size <= 0 or group_size % per or n_in % group_size or n_in == 0 or n_out == 0:
         return None
     groups = n_in // group_size
@@ -387,9 +413,44 @@ def gptq_row(
         bias.dtype not in _DTYPES or not bias.is_cpu or tuple(bias.shape) != (n_out,) or bias.stride(0) != 1
     ):
         return None
+    return n_out, groups
+
+
+def _checked(x, qweight, qzeros, scales, bias, bits, group_size) -> tuple[int, int, int] | None:
+    """(K, N, groups) where the kernels take ``x`` (rows of K with a contiguous last dimension;
+    float32, bfloat16 or float16, on CPU, outside autograd and tracing) and the GPTQ tensors
+    (:func:`_weights_checked`); else None."""
+    if x.dtype not in _DTYPES or not x.is_cpu or x.dim() == 0 or x.stride(-1) != 1:
+        return None
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    sizes = _weights_checked(x.shape[-1], qweight, qzeros, scales, bias, bits, group_size)
+    return None if sizes is None else (x.shape[-1], *sizes)
+
+
+def gptq_row(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    zero_offset: int = 1,
+) -> torch.Tensor | None:
+    """``x @ W.T + bias`` for one row ``x`` (shape (..., K), one row in all; float32, bfloat16
+    or float16) and the GPTQ weight ``W`` (N, K) of ``qweight``/``qzeros``/``scales`` with
+    ``g_idx == i // group_size``; ``qzeros`` holds ``z - zero_offset`` (1 in the checkpoint
+    format, 0 in gptqmodel's in-memory "v2" format). Returns a tensor of ``x``'s dtype and
+    shape (..., N), or ``None`` where the kernel does not apply (other dtypes, layouts or
+    devices, more than one row, autograd, tracing, or no kernel)."""
+    sizes = _checked(x, qweight, qzeros, scales, bias, bits, group_size)
+    if sizes is None or x.numel() != x.shape[-1]:
+        return None
     kernel = _kernel()
     if kernel is None:
         return None
+    n_in, n_out, groups = sizes
     out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=_CPU)
     scratch = torch.empty(n_in + groups, dtype=torch.float32, device=_CPU)
     kernel.gptq_row(
@@ -400,6 +461,51 @@ def gptq_row(
         scratch=scratch.data_ptr(),
     )  # fmt: skip
     return out
+
+
+# Several rows dequantize the weight to float32 this many bytes at a time (a block of output columns).
+DEQUANT_BLOCK_BYTES = 64 * 2**20
+
+
+def gptq_rows(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    zero_offset: int = 1,
+) -> torch.Tensor | None:
+    """:func:`gptq_row` for any number of rows (a prefill, a batch): the weight dequantized
+    exactly to float32 by the C kernel, :data:`DEQUANT_BLOCK_BYTES` of it at a time, and
+    multiplied by ``x`` in float32 by torch's matrix product; the bias added in float32 and
+    the result rounded once to ``x``'s dtype. ``None`` where it does not apply (as
+    :func:`gptq_row`, except for the number of rows)."""
+    sizes = _checked(x, qweight, qzeros, scales, bias, bits, group_size)
+    kernel = _kernel() if sizes is not None else None
+    if kernel is None:
+        return None
+    n_in, n_out, groups = sizes
+    rows = x.reshape(-1, n_in).float()
+    width = min(n_out, max(16, DEQUANT_BLOCK_BYTES // (4 * n_in) // 16 * 16))
+    weight = torch.empty(n_in, width, dtype=torch.float32, device=_CPU)
+    scratch = torch.empty(2 * groups * width, dtype=torch.float32, device=_CPU)
+    out = torch.empty(rows.shape[0], n_out, dtype=torch.float32, device=_CPU)
+    for c0 in range(0, n_out, width):
+        n = min(width, n_out - c0)
+        kernel.gptq_dequant(
+            qweight=qweight.data_ptr(), qzeros=qzeros.data_ptr(), scales=scales.data_ptr(), out=weight.data_ptr(),
+            ldo=width, N=n_out, K=n_in, c0=c0, n=n, group_size=group_size, bits=bits, zero_add=zero_offset,
+            threads=torch.get_num_threads(), scratch=scratch.data_ptr(),
+        )  # fmt: skip
+        if width == n_out:
+            torch.mm(rows, weight, out=out)
+        else:
+            out[:, c0 : c0 + n] = rows @ weight[:, :n]
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], n_out)
 
 
 def _plain_groups(module) -> bool:
@@ -416,22 +522,54 @@ def _plain_groups(module) -> bool:
     return cached[1]
 
 
-def quant_linear_row(module, x: torch.Tensor) -> torch.Tensor | None:
-    """``module(x)`` through :func:`gptq_row` for a gptqmodel quant-linear module holding the
-    GPTQ tensors (``TorchLinear``) and one row ``x``, in inference; ``None`` where it does
-    not apply (autograd, tracing, training, an adapter, an input rotation, ``desc_act``
-    groups, a packing other than int32, or what :func:`gptq_row` refuses)."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return None
-    if x.numel() != x.shape[-1] or module.training or getattr(module, "adapter", None) is not None:
+def _zero_add(module) -> int | None:
+    """What ``module``'s qzeros add to the zero points (1: the checkpoint format, 0: gptqmodel's
+    "v2"), for a gptqmodel quant-linear module the kernels can take as it is (in inference, no
+    adapter or input rotation, int32 packing, plain groups); else None."""
+    if module.training or getattr(module, "adapter", None) is not None:
         return None
     if getattr(module, "online_full_had", False) or getattr(module, "online_partial_had", False):
         return None
     if getattr(module, "pack_dtype", torch.int32) != torch.int32 or module.qweight is None:
         return None
     zero_format = module.qzero_format() if hasattr(module, "qzero_format") else 1
-    if zero_format not in (1, 2) or x.shape[-1] != module.in_features or not _plain_groups(module):
+    return 2 - zero_format if zero_format in (1, 2) and _plain_groups(module) else None
+
+
+def quant_linear(module, x: torch.Tensor) -> torch.Tensor | None:
+    """``module(x)`` for a gptqmodel quant-linear module holding the GPTQ tensors
+    (``TorchLinear``) in inference: one row through :func:`gptq_row`, several through
+    :func:`gptq_rows`; ``None`` where neither applies (autograd, tracing, training, an
+    adapter, an input rotation, ``desc_act`` groups, a packing other than int32, or what
+    they refuse)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
-    return gptq_row(
-        x, module.qweight, module.qzeros, module.scales, module.bias, module.bits, module.group_size, 2 - zero_format
+    if x.dim() == 0 or x.shape[-1] != module.in_features:
+        return None
+    zero_add = _zero_add(module)
+    if zero_add is None:
+        return None
+    product = gptq_row if x.numel() == x.shape[-1] else gptq_rows
+    return product(
+        x, module.qweight, module.qzeros, module.scales, module.bias, module.bits, module.group_size, zero_add
     )
+
+
+def quant_product(module) -> QuantProduct | None:
+    """``module``'s GPTQ tensors for the CPU engine's all-blocks decoding step (which calls
+    :func:`row_function` on them), where :func:`quant_linear` would take one row; else None."""
+    zero_add = _zero_add(module)
+    if zero_add is None:
+        return None
+    tensors = (module.qweight, module.qzeros, module.scales, module.bias)
+    sizes = _weights_checked(module.in_features, *tensors, module.bits, module.group_size)
+    if sizes is None:
+        return None
+    return QuantProduct(*tensors, module.bits, module.group_size, zero_add, module.in_features, sizes[0])
+
+
+def row_function() -> int | None:
+    """The address of the C function behind :func:`gptq_row` (``qwen_gptq_row``, of C type
+    ``cpu_kernels``' ``gptq_row_fn``), or None without the kernel."""
+    kernel = _kernel()
+    return None if kernel is None else kernel.gptq_row.address

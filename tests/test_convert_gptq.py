@@ -17,7 +17,7 @@ from conftest import rand_ids
 from safetensors.torch import load_file, save_file
 from test_quantization import GROUP, official_layout_pair, pack_by_hand
 
-from qwen import QWenLMHeadModel
+from qwen import QWenLMHeadModel, cpu_engine
 from qwen.convert import ConversionError, GPTQSettings, convert_qwen2, qwen2_gptq_parts
 
 HIDDEN = 64  # the tiny model's hidden size: c_attn has 3 * HIDDEN outputs
@@ -80,6 +80,7 @@ def test_gptq_export_logits_match_the_source_in_plain_transformers(gptq_export):
 
     backend = GPTQConfig(bits=bits, backend="gptq_torch")  # the same kernel for both
     ours = QWenLMHeadModel.from_pretrained(quant_dir, fp32=True, quantization_config=backend)
+    cpu_engine.uninstall(ours)  # gptqmodel's own products, as plain transformers runs them
     theirs = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32, quantization_config=backend)
     assert type(theirs) is Qwen2ForCausalLM
     for module in (theirs.model.layers[1].self_attn.k_proj, theirs.model.layers[1].mlp.gate_proj):

@@ -258,7 +258,7 @@ def test_qlora_from_gptq_int4_checkpoint(ckpts, data_file, tmp_path):
     gptqmodel's torch kernels on CPU): the loss falls, and the saved adapter on the Int4
     model computes what the same adapter merged into the dequantized float weights does."""
     from peft import PeftModel
-    from test_quantization import official_layout_pair
+    from test_quantization import exact_float_model, official_layout_pair
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
 
     from qwen.training import merge_lora
@@ -289,7 +289,9 @@ def test_qlora_from_gptq_int4_checkpoint(ckpts, data_file, tmp_path):
     # merge-lora refuses the Int4 base and merges into the float weights it stands for
     with pytest.raises(ValueError, match="quantized"):
         merge_lora(out, tmp_path / "merged")
-    merged_dir = merge_lora(out, tmp_path / "merged", base=str(ref))
+    exact = tmp_path / "exact"  # the float weights s * (q - z) exactly, as the CPU kernels compute with them
+    exact_float_model(ref, int4, 4).save_pretrained(exact)
+    merged_dir = merge_lora(out, tmp_path / "merged", base=str(exact))
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(after, merged(ids).logits, atol=1e-4, rtol=0)

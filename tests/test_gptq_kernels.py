@@ -10,12 +10,11 @@ import re
 import pytest
 import torch
 from conftest import make_tiny, needs_compiler, rand_ids
-from safetensors.torch import load_file
 from test_kernel_boundary import TARGETS, WARNINGS, compile_c
-from test_quantization import official_layout_pair, pack_by_hand
+from test_quantization import exact_float_model, official_layout_pair, pack_by_hand
+from transformers import DynamicCache
 
 from qwen import QWenLMHeadModel, cpu_engine, gptq_kernels
-from qwen.quantization import GPTQ_TENSORS, QUANTIZED_LINEARS, dequantize_gptq
 
 # --------------------------------------------------------------------------- the kernel
 
@@ -89,6 +88,33 @@ def test_kernel_in_half_precision_rounds_the_float32_result_once(dtype):
     slack = 1e-6 * (x.double().abs() @ weight.abs().t()).max()  # float32 sums
     assert ((out.double() - exact).abs() <= torch.finfo(dtype).eps * exact.abs() + slack).all()  # within an ulp
     assert (out == exact.to(dtype)).float().mean() > 0.95  # and nearly all exactly the rounded value
+
+
+@needs_compiler
+@torch.inference_mode()
+@pytest.mark.parametrize("bits,n_out,n_in,group_size", CASES)
+@pytest.mark.parametrize("block_columns", [None, 32], ids=["one block", "blocks of 32 columns"])
+def test_rows_equal_the_dequantized_weights_in_float32(monkeypatch, bits, n_out, n_in, group_size, block_columns):
+    """Several rows (a prefill, a batch): the weight dequantized to float32 a block of
+    columns at a time and multiplied by torch: the exact weights' product up to float32 sums."""
+    if block_columns is not None:
+        monkeypatch.setattr(gptq_kernels, "DEQUANT_BLOCK_BYTES", 4 * n_in * block_columns)
+    tensors, weight = random_gptq(n_out, n_in, bits, group_size, seed=n_out + 1)
+    g = torch.Generator().manual_seed(bits + 1)
+    x = torch.randn(2, 3, n_in, generator=g)
+    bias = torch.randn(n_out, generator=g).half()
+    out = gptq_kernels.gptq_rows(x, **tensors, bias=bias, bits=bits, group_size=group_size)
+    expected = x.double() @ weight.t() + bias.double()
+    assert out.shape == (2, 3, n_out) and out.dtype == torch.float32
+    scale = (x.double().abs() @ weight.abs().t()).max()
+    assert ((out.double() - expected).abs().max() / scale).item() < 1e-6
+    half = gptq_kernels.gptq_rows(x.bfloat16(), **tensors, bias=bias, bits=bits, group_size=group_size)
+    exact = x.bfloat16().double() @ weight.t() + bias.double()
+    assert half.dtype == torch.bfloat16
+    assert ((half.double() - exact).abs() <= 2**-8 * exact.abs() + 1e-6 * scale).all()  # rounded once
+    assert gptq_kernels.gptq_rows(x, **tensors, bias=None, bits=3, group_size=group_size) is None
+    with torch.enable_grad():
+        assert gptq_kernels.gptq_rows(x, **tensors, bias=None, bits=bits, group_size=group_size) is None
 
 
 @needs_compiler
@@ -177,16 +203,29 @@ def load_gptq(path, bits, **kwargs):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """How many one-row products the hook took through the kernel."""
-    calls = {"kernel": 0, "declined": 0}
+    """How many products the hook took through the kernels: one row, several rows, declined."""
+    calls = {"row": 0, "rows": 0, "declined": 0}
 
     def counted(module, x):
-        out = gptq_kernels.quant_linear_row(module, x)
-        calls["declined" if out is None else "kernel"] += 1
+        out = gptq_kernels.quant_linear(module, x)
+        calls["declined" if out is None else "row" if x.numel() == x.shape[-1] else "rows"] += 1
         return out
 
-    monkeypatch.setattr(cpu_engine, "quant_linear_row", counted)
+    monkeypatch.setattr(cpu_engine, "quant_linear", counted)
     return calls
+
+
+def spy_on_steps(monkeypatch, model) -> list[bool]:
+    """Whether each decoding step went through all blocks in one C call."""
+    taken = []
+
+    def spying(*args):
+        out = cpu_engine.decode_all_blocks(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(model.transformer, "decode_step", spying)
+    return taken
 
 
 def generate_scores(model, ids, new_tokens=6):
@@ -208,63 +247,108 @@ def logits_token_by_token(model, ids):
     return torch.cat(logits, dim=1)
 
 
-def exact_float_model(ref_dir, quant_dir, bits):
-    """The float model of ``ref_dir`` holding the weights the GPTQ tensors of ``quant_dir``
-    stand for exactly, ``s * (q - z)`` in float32 (exact: at most 19 significant bits)."""
-    ref = QWenLMHeadModel.from_pretrained(ref_dir, fp32=True).eval()
-    stored = load_file(quant_dir / "model.safetensors")
-    with torch.no_grad():
-        for name, module in ref.named_modules():
-            if name.split(".", 3)[-1] in QUANTIZED_LINEARS:
-                tensors = {n: stored[f"{name}.{n}"] for n in GPTQ_TENSORS}
-                module.weight.copy_(dequantize_gptq(tensors, bits))
-    return ref
-
-
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_quantized_model_decodes_through_the_kernel_as_the_library_does(gptq_pair, kernel_calls, dtype):
-    """Greedy decoding with the hook gives gptqmodel's own tokens (the engine uninstalled); in
-    float32 its logits are those of the float model holding the exact dequantized weights.
-    gptqmodel rounds each weight s * (q - z) to float16 before multiplying, the kernel does
-    not: their logits differ by that rounding."""
+def test_quantized_model_decodes_through_the_kernel_as_the_library_does(gptq_pair, kernel_calls, monkeypatch, dtype):
+    """The prompt goes through the several-rows product; the steps through the one-row
+    product, module by module in float32 and in one C call for all blocks in bf16. Against
+    gptqmodel's own path (the engine uninstalled) on the same tokens: the same logits up to
+    rounding (gptqmodel rounds each weight s * (q - z) to float16 and, in bf16, multiplies in
+    bf16; the kernels do neither), and in float32 the same greedy tokens; in float32 the
+    logits, prefill and steps, are those of the float model holding the exact dequantized
+    weights. (In bf16 greedy tokens of this random model can part where two logits are
+    within that rounding: Int8's did, where the kernels' tokens were the float model's.)"""
     bits, quant_dir, ref_dir = gptq_pair
     model = load_gptq(quant_dir, bits, dtype=dtype)
     layer = model.transformer.h[0].attn.c_attn
-    assert isinstance(layer, cpu_engine.CPUGPTQRow)
+    assert isinstance(layer, cpu_engine.CPUGPTQLinear)
+    steps = spy_on_steps(monkeypatch, model)
     ids = rand_ids(1, 7, seed=bits)
     tokens, scores = generate_scores(model, ids)
     layers = len(model.transformer.h)
-    assert kernel_calls["kernel"] == 5 * layers * 5  # five products per block, five one-row steps
+    one_call = dtype == torch.bfloat16
+    assert steps == [one_call] * 5
+    assert kernel_calls == {"rows": 5 * layers, "row": 0 if one_call else 5 * layers * 5, "declined": 0}
 
+    sequence = tokens[:, :-1]
+    with torch.inference_mode():
+        ours = torch.cat((model(sequence).logits, logits_token_by_token(model, sequence)))
     cpu_engine.uninstall(model)
     assert type(layer).__name__ == "TorchLinear"
-    library_tokens, library_scores = generate_scores(model, ids)
-    assert torch.equal(tokens, library_tokens)
+    library_tokens, _ = generate_scores(model, ids)
+    with torch.inference_mode():
+        library = torch.cat((model(sequence).logits, logits_token_by_token(model, sequence)))
     tolerance = {torch.float32: 1e-2, torch.bfloat16: 0.1}[dtype]
-    torch.testing.assert_close(scores.float(), library_scores.float(), atol=tolerance, rtol=0)
+    torch.testing.assert_close(ours.float(), library.float(), atol=tolerance, rtol=0)
+    if dtype == torch.float32:
+        assert torch.equal(tokens, library_tokens)
     cpu_engine.install(model)
-    assert isinstance(layer, cpu_engine.CPUGPTQRow)
-    if dtype == torch.float32:  # every product through the kernel: one token at a time
-        sequence = tokens[:, :-1]
-        calls = kernel_calls["kernel"]
-        one_by_one = logits_token_by_token(model, sequence)
-        assert kernel_calls["kernel"] - calls == 5 * layers * sequence.shape[1]
+    assert isinstance(layer, cpu_engine.CPUGPTQLinear)
+    if dtype == torch.float32:  # every product through the kernels: the prompt, then one token at a time
+        calls = dict(kernel_calls)
         with torch.inference_mode():
+            prefill = model(sequence).logits
             exact = exact_float_model(ref_dir, quant_dir, bits)(sequence).logits
+        one_by_one = logits_token_by_token(model, sequence)
+        assert kernel_calls["rows"] - calls["rows"] == 5 * layers
+        assert kernel_calls["row"] - calls["row"] == 5 * layers * sequence.shape[1]
+        torch.testing.assert_close(prefill, exact, atol=1e-4, rtol=0)
         torch.testing.assert_close(one_by_one, exact, atol=1e-4, rtol=0)
 
 
 @needs_compiler
-def test_batches_and_prefills_take_the_library_path(gptq_pair, kernel_calls):
+def test_batches_take_the_several_rows_product(gptq_pair, kernel_calls):
+    """A batch of two (prefill and steps: several rows each) gives each sequence's tokens
+    alone, and gptqmodel's own tokens."""
     bits, quant_dir, _ = gptq_pair
     model = load_gptq(quant_dir, bits, dtype=torch.float32)
     ids = rand_ids(2, 5, seed=1)
     tokens, _ = generate_scores(model, ids, new_tokens=3)
-    assert kernel_calls["kernel"] == 0 and kernel_calls["declined"] > 0
+    assert kernel_calls["row"] == kernel_calls["declined"] == 0 and kernel_calls["rows"] == 3 * 5 * len(
+        model.transformer.h
+    )
     single, _ = generate_scores(model, ids[:1], new_tokens=3)
-    assert kernel_calls["kernel"] > 0
+    assert kernel_calls["row"] > 0
     assert torch.equal(single[0], tokens[0])
+    cpu_engine.uninstall(model)
+    library_tokens, _ = generate_scores(model, ids, new_tokens=3)
+    assert torch.equal(tokens, library_tokens)
+
+
+@needs_compiler
+@torch.inference_mode()
+def test_steps_through_all_quantized_blocks_equal_block_by_block(gptq_pair, monkeypatch):
+    """bf16 decoding steps through every quantized block in one C call give the logits and
+    write the cache of the blocks one by one (the one-row kernel per module, torch between
+    them), step after step; with a GPTQ linear hooked the step goes block by block."""
+    bits, quant_dir, _ = gptq_pair
+    model = load_gptq(quant_dir, bits, dtype=torch.bfloat16)
+    torch.manual_seed(bits)
+    for name, param in model.named_parameters():
+        if name.endswith("ln_2.weight"):
+            param.normal_(1, 0.5)  # the norms' weights reach the quantized products
+    ids = rand_ids(1, 9, seed=bits)
+    runs = {}
+    for how in ("all blocks", "block by block"):
+        steps = spy_on_steps(monkeypatch, model)
+        if how == "block by block":
+            monkeypatch.setattr(model.transformer, "decode_step", None)
+        cache = DynamicCache(config=model.config)
+        token, logits = model(ids, past_key_values=cache).logits[:, -1:].argmax(-1), []
+        for _ in range(8):
+            logits.append(model(token, past_key_values=cache).logits[:, -1])
+            token = logits[-1].argmax(-1, keepdim=True)
+        runs[how] = torch.stack(logits), cache, steps
+    (fast, fast_cache, taken), (slow, slow_cache, _) = runs["all blocks"], runs["block by block"]
+    assert taken == [True] * 8
+    assert torch.equal(fast, slow)
+    for a, b in zip(fast_cache.layers, slow_cache.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+    taken = spy_on_steps(monkeypatch, model)
+    model.transformer.h[-1].mlp.w2.register_forward_pre_hook(lambda module, args: None)
+    hooked, _ = generate_scores(model, ids, new_tokens=3)
+    assert taken == [False, False]
 
 
 @needs_compiler
@@ -275,9 +359,9 @@ def test_hook_declines_reordered_groups(gptq_pair):
     model = load_gptq(quant_dir, bits, dtype=torch.float32)
     layer = model.transformer.h[0].mlp.w1
     x = torch.randn(1, 1, layer.in_features)
-    assert gptq_kernels.quant_linear_row(layer, x) is not None
+    assert gptq_kernels.quant_linear(layer, x) is not None
     layer.g_idx = layer.g_idx.flip(0).contiguous()
-    assert gptq_kernels.quant_linear_row(layer, x) is None
+    assert gptq_kernels.quant_linear(layer, x) is None
     assert layer(x).shape == (1, 1, layer.out_features)
 
 
@@ -289,8 +373,8 @@ def test_cpu_load_without_a_quantization_config_takes_the_kernel_backend(gptq_pa
     same modules and logits as the explicit backend."""
     bits, quant_dir, _ = gptq_pair
     plain = QWenLMHeadModel.from_pretrained(quant_dir, fp32=True).eval()
-    assert isinstance(plain.transformer.h[0].mlp.w1, cpu_engine.CPUGPTQRow)
+    assert isinstance(plain.transformer.h[0].mlp.w1, cpu_engine.CPUGPTQLinear)
     explicit = load_gptq(quant_dir, bits, fp32=True)
     ids = rand_ids(1, 5, seed=bits)
     assert torch.equal(logits_token_by_token(plain, ids), logits_token_by_token(explicit, ids))
-    assert kernel_calls["kernel"] == 2 * 5 * len(plain.transformer.h) * ids.shape[1]
+    assert kernel_calls["row"] == 2 * 5 * len(plain.transformer.h) * ids.shape[1]

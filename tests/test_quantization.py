@@ -20,7 +20,14 @@ from conftest import REPO, make_tiny, rand_ids
 from safetensors.torch import load_file, save_file
 
 from qwen import QWenLMHeadModel, QWenTokenizer
-from qwen.quantization import QUANTIZED_LINEARS, calibration_samples, dequantize_gptq, pack_gptq, quantize_rtn
+from qwen.quantization import (
+    GPTQ_TENSORS,
+    QUANTIZED_LINEARS,
+    calibration_samples,
+    dequantize_gptq,
+    pack_gptq,
+    quantize_rtn,
+)
 
 GROUP = 32
 
@@ -118,6 +125,19 @@ def test_library_packing_matches_the_format_by_hand(bits):
 # --------------------------------------------------------------------------- loading official-layout checkpoints
 
 
+def exact_float_model(ref_dir, quant_dir, bits):
+    """The float model of ``ref_dir`` holding the weights the GPTQ tensors of ``quant_dir``
+    stand for exactly, ``s * (q - z)`` in float32 (exact: at most 19 significant bits)."""
+    ref = QWenLMHeadModel.from_pretrained(ref_dir, fp32=True).eval()
+    stored = load_file(quant_dir / "model.safetensors")
+    with torch.no_grad():
+        for name, module in ref.named_modules():
+            if name.split(".", 3)[-1] in QUANTIZED_LINEARS:
+                tensors = {n: stored[f"{name}.{n}"] for n in GPTQ_TENSORS}
+                module.weight.copy_(dequantize_gptq(tensors, bits))
+    return ref
+
+
 @pytest.fixture(scope="module", params=[4, 8], ids=["int4", "int8"])
 def gptq_pair(request, fp32_tiny, tmp_path_factory):
     pytest.importorskip("optimum", reason="the gptq extra (optimum, gptqmodel) is not installed")
@@ -127,20 +147,27 @@ def gptq_pair(request, fp32_tiny, tmp_path_factory):
 
 
 def test_official_gptq_checkpoint_logits_match_dequantized_float_model(gptq_pair):
+    """As loaded (the CPU engine's kernels, exact in float32): the float model holding
+    s * (q - z) exactly; gptqmodel's own torch path (the engine uninstalled), which rounds
+    each weight to float16 before multiplying in float32: the float model holding those
+    rounded weights."""
     from transformers import GPTQConfig
 
+    from qwen import cpu_engine
+
     bits, quant_dir, ref_dir = gptq_pair
-    # gptqmodel's torch kernel: dequantizes to float16 as the reference does, multiplies in fp32
     model = QWenLMHeadModel.from_pretrained(
         quant_dir, fp32=True, quantization_config=GPTQConfig(bits=bits, backend="gptq_torch")
     )
-    ref = QWenLMHeadModel.from_pretrained(ref_dir, fp32=True)
     layer = model.transformer.h[0].attn.c_attn
     assert hasattr(layer, "qweight") and not isinstance(layer, torch.nn.Linear)
     ids = rand_ids(2, 11, seed=bits)
     with torch.no_grad():
-        logits, expected = model(ids).logits, ref(ids).logits
-    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+        logits, exact = model(ids).logits, exact_float_model(ref_dir, quant_dir, bits)(ids).logits
+        cpu_engine.uninstall(model)
+        library, rounded = model(ids).logits, QWenLMHeadModel.from_pretrained(ref_dir, fp32=True)(ids).logits
+    torch.testing.assert_close(logits, exact, atol=1e-4, rtol=0)
+    torch.testing.assert_close(library, rounded, atol=1e-4, rtol=0)
 
 
 def test_gptqmodel_tokenizer_wrapper_delegates_to_qwen_tokenizer(fp32_tiny):
