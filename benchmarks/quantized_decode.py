@@ -13,12 +13,13 @@ Runs, alternating, each in a fresh process and each model run between two probe 
   * ``bf16``  ``from_pretrained(path, dtype=torch.bfloat16)`` (the CPU engine's C kernels);
   * ``int4``/``int8``  ``from_pretrained(path, dtype=torch.bfloat16,
     quantization_config=GPTQConfig(bits, backend="gptq_torch"))``: gptqmodel's modules,
-    whose one-row products the CPU engine takes through ``qwen.gptq_kernels``;
+    whose products the CPU engine takes through ``qwen.gptq_kernels`` (decoding steps
+    through all blocks in one C call);
   * ``probe``  ``benchmarks/decode.py``'s bandwidth probe (the fastest bf16 matrix-vector
     product on offer, over a matrix the size of ``lm_head``).
 The **bound** of a model: the probe's bandwidth (the mean of the probes before and after
 it) over the bytes one decoding step reads, every stored tensor but the embedding table
-(quantized blocks + 16-bit ``lm_head``: ~1.0 GB for Int4, ~1.7 GB for Int8, 3.05 GB for
+(quantized blocks + 16-bit ``lm_head``: ~1.26 GB for Int4, ~1.87 GB for Int8, 3.05 GB for
 bf16). Each prints one JSON line; the last line is a summary.
 
     python benchmarks/quantized_decode.py              # one round: bf16, int4, int8
@@ -168,9 +169,8 @@ def main() -> int:
     parser.add_argument(
         "--prompt",
         type=int,
-        default=1,
-        help="prompt tokens (default 1: every step a one-row step; the prefill of a longer prompt goes through "
-        "gptqmodel's own code, which on CPU compiles its dequantization once per module: minutes)",
+        default=32,
+        help="prompt tokens (default 32; the quantized models' prefill goes through the several-rows product)",
     )
     parser.add_argument("--new-tokens", type=int, default=48, help="generated tokens (default 48)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")

@@ -125,8 +125,9 @@ def huge_page_empty_like(like: torch.Tensor) -> torch.Tensor:
 
 
 def huge_page_weights(model: nn.Module) -> int:
-    """Move the CPU parameters a forward reads in full (:func:`_resident_weights`) into
-    anonymous memory advised for transparent huge pages (Linux), each in its own mapping.
+    """Move the CPU parameters and buffers a forward reads in full (:func:`_resident_weights`;
+    buffers only where each is all of its storage) into anonymous memory advised for
+    transparent huge pages (Linux), each in its own mapping.
 
     The file pages each weight was copied from are handed back to the kernel
     (``MADV_DONTNEED`` on the pages wholly inside it) as it goes, so the resident set stays
@@ -141,7 +142,9 @@ def huge_page_weights(model: nn.Module) -> int:
         return 0
     if not _transparent_huge_pages():
         return 0
-    params = [t for t in _resident_weights(model) if isinstance(t, nn.Parameter)]
+    # parameters, and buffers a forward reads in full too (a GPTQ linear's packed integers,
+    # scales and zero points); not views into another tensor's storage
+    params = [t for t in _resident_weights(model) if isinstance(t, nn.Parameter) or _own_storage(t)]
     total = sum(t.numel() * t.element_size() for t in params)
     if not params or total > _ram_bytes() // 2:
         return 0
@@ -170,6 +173,13 @@ def huge_page_weights(model: nn.Module) -> int:
                         libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
             param.data = new
     return total
+
+
+def _own_storage(t: torch.Tensor) -> bool:
+    """A contiguous tensor that is all of its storage."""
+    return (
+        t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    )
 
 
 def _ram_bytes() -> int:

@@ -1,4 +1,4 @@
-"""A C kernel for one-row (decoding) products on GPTQ int2/int4/int8 weights on CPU.
+"""C kernels for products on GPTQ int2/int4/int8 weights on CPU.
 
 A decoding step multiplies one row by every weight matrix, so its speed is the speed at
 which the weights stream from memory; GPTQ weights are a quarter (int4) or half (int8) of
@@ -23,11 +23,20 @@ over a group's rows (eight independent chains of FMAs, each input broadcast once
 tiles ahead prefetched); elsewhere in plain loops that the compiler vectorizes (16 columns at
 a time where the CPU has AVX-512).
 
-:func:`quant_linear_row` applies it to a gptqmodel quant-linear module (``TorchLinear``,
-the ``gptq_torch`` backend) as loaded, where it fits; ``cpu_engine.install`` hooks it in.
+:func:`gptq_rows` takes several rows (a prefill, a batch): ``qwen_gptq_dequant`` writes the
+exact float32 ``W`` (transposed) a block of columns at a time and torch multiplies; the same
+contract (exact weights, float32 sums, one rounding). gptqmodel's own path there compiles its
+dequantization with Inductor at each module's first call (minutes for a 1.8B model's first
+prompt on CPU).
+
+:func:`quant_linear` applies them to a gptqmodel quant-linear module (``TorchLinear``, the
+``gptq_torch`` backend) as loaded, where they fit; ``cpu_engine.install`` hooks it in, and the
+CPU engine's all-blocks decoding step calls ``qwen_gptq_row`` itself
+(:func:`quant_product`, :func:`row_function`).
 
 The boundary follows ``cpu_kernels.py``: the entry points are declared once below
-(``_ENTRY_POINTS``, with the dtype codes ``_DTYPES``), a header of prototypes and enums is
+(``_ENTRY_POINTS``; ``qwen_gptq_row``'s arguments and the dtype codes in ``cpu_kernels``,
+whose block step calls it through a pointer), a header of prototypes and enums is
 generated from them and compiled ahead of the definitions, and the library is built with
 ``cpu_kernels``' helpers into the same cache (``QWEN_CPU_KERNELS=0`` turns it off too).
 
@@ -367,14 +376,14 @@ if platform.machine().lower() in ("x86_64", "amd64"):
 
 @functools.cache
 def _kernel() -> SimpleNamespace | None:
-    """The compiled kernel (attributes named as in ``_ENTRY_POINTS``), or ``None`` (logged
-    once) when it cannot be built."""
+    """The compiled kernels (attributes named as in ``_ENTRY_POINTS``), or ``None`` (logged
+    once) when they cannot be built."""
     return cpu_kernels.load_library(
         _ENTRY_POINTS,
         source=_SOURCE,
         flags=_FLAGS,
         stem="gptq_kernels",
-        what="the GPTQ CPU kernel",
+        what="the GPTQ CPU kernels",
         fallback="GPTQ products stay in gptqmodel's code",
         symbol=_symbol,
     )

@@ -14,7 +14,7 @@ from test_kernel_boundary import TARGETS, WARNINGS, compile_c
 from test_quantization import exact_float_model, official_layout_pair, pack_by_hand
 from transformers import DynamicCache
 
-from qwen import QWenLMHeadModel, cpu_engine, gptq_kernels
+from qwen import QWenLMHeadModel, cpu_engine, cpu_memory, gptq_kernels
 
 # --------------------------------------------------------------------------- the kernel
 
@@ -378,3 +378,31 @@ def test_cpu_load_without_a_quantization_config_takes_the_kernel_backend(gptq_pa
     ids = rand_ids(1, 5, seed=bits)
     assert torch.equal(logits_token_by_token(plain, ids), logits_token_by_token(explicit, ids))
     assert kernel_calls["row"] == 2 * 5 * len(plain.transformer.h) * ids.shape[1]
+
+
+@needs_compiler
+@pytest.mark.skipif(not cpu_memory._transparent_huge_pages(), reason="needs Linux transparent huge pages")
+def test_packed_weights_move_to_huge_pages(gptq_pair, monkeypatch):
+    """The GPTQ tensors (buffers, not parameters) move to huge-page memory with the rest of
+    the weights a step streams, values unchanged."""
+    bits, quant_dir, _ = gptq_pair
+    real, placed = cpu_memory.huge_page_empty_like, set()
+
+    def recording(like):
+        out = real(like)
+        placed.add(out.data_ptr())
+        return out
+
+    monkeypatch.setattr(cpu_memory, "huge_page_empty_like", recording)
+    model = load_gptq(quant_dir, bits, fp32=True)
+    monkeypatch.setenv("QWEN_HUGE_PAGES", "0")
+    unmoved = load_gptq(quant_dir, bits, fp32=True)
+    layers = [m for m in model.modules() if isinstance(m, cpu_engine.CPUGPTQLinear)]
+    assert len(layers) == 5 * len(model.transformer.h)
+    for layer in layers:
+        assert {layer.qweight.data_ptr(), layer.qzeros.data_ptr(), layer.scales.data_ptr()} <= placed
+    for name, tensor in unmoved.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    ids = rand_ids(1, 5, seed=2)
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, unmoved(ids).logits)
