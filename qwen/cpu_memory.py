@@ -10,6 +10,7 @@ Part of the self-contained remote-code set: imports its siblings relatively only
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import logging
@@ -85,28 +86,51 @@ def _transparent_huge_pages() -> bool:
     return "[always]" in mode or "[madvise]" in mode
 
 
-def _clean_file_mappings() -> list[tuple[int, int]]:
-    """Address ranges of this process's memory mappings of regular files in which no page
-    was ever written (``Anonymous: 0 kB`` in /proc/self/smaps; Linux). Pages dropped there
-    with ``MADV_DONTNEED`` come back from the file unchanged, whoever else reads them."""
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's memory mappings of regular files (/proc/self/maps;
+    Linux)."""
     ranges = []
     try:
-        f = open("/proc/self/smaps")  # noqa: SIM115
+        f = open("/proc/self/maps")  # noqa: SIM115
     except OSError:  # no /proc here: nothing is released, the copy still works
         return ranges
-    current = None
     with f:
         for line in f:
             fields = line.split(maxsplit=5)
-            if fields and "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header
-                current = None
-                if len(fields) == 6 and os.path.isfile(fields[5].rstrip("\n")):
-                    current = tuple(int(x, 16) for x in fields[0].split("-"))
-            elif current is not None and fields[:1] == ["Anonymous:"]:
-                if fields[1] == "0":
-                    ranges.append(current)
-                current = None
+            if len(fields) == 6 and os.path.isfile(fields[5].rstrip("\n")):
+                ranges.append(tuple(int(x, 16) for x in fields[0].split("-")))
     return ranges
+
+
+# /proc/self/pagemap: one 64-bit entry per page; bit 63 present, 62 swapped, 61 a file page
+# (or shared anonymous memory). The flags are readable without privileges (the frame numbers are not).
+_PAGEMAP_FILE_PAGE, _PAGEMAP_SWAPPED = 61, 62
+
+
+def _file_page_runs(pagemap, first: int, last: int) -> list[tuple[int, int]]:
+    """The address runs of pages in [first, last) (page-aligned, inside a file mapping) that
+    hold the file's bytes: file pages, or pages never loaded. Written pages of a private file
+    mapping (anonymous copies, present or swapped out) are left out: dropped with
+    ``MADV_DONTNEED`` they would come back as the file's bytes, not what was written."""
+    page = mmap.PAGESIZE
+    count = (last - first) // page
+    pagemap.seek(first // page * 8)
+    data = pagemap.read(count * 8)
+    if len(data) != count * 8:
+        return []
+    entries = torch.frombuffer(bytearray(data), dtype=torch.int64)
+    present = entries < 0  # bit 63
+    file_page = ((entries >> _PAGEMAP_FILE_PAGE) & 1).bool()
+    swapped = ((entries >> _PAGEMAP_SWAPPED) & 1).bool()
+    safe = torch.where(present, file_page, ~swapped).tolist()
+    runs, start = [], None
+    for i, ok in enumerate([*safe, False]):
+        if ok and start is None:
+            start = i
+        elif not ok and start is not None:
+            runs.append((first + start * page, first + i * page))
+            start = None
+    return runs
 
 
 def huge_page_empty_like(like: torch.Tensor) -> torch.Tensor:
@@ -131,8 +155,9 @@ def huge_page_weights(model: nn.Module) -> int:
 
     The file pages each weight was copied from are handed back to the kernel
     (``MADV_DONTNEED`` on the pages wholly inside it) as it goes, so the resident set stays
-    about the weights' size; only in file mappings where no page was ever written (changes
-    made there live nowhere else). The moved weights are private to the process. Nothing
+    about the weights' size; only pages that hold the file's bytes (a page written in a
+    private file mapping lives nowhere else: :func:`_file_page_runs`). The moved weights are
+    private to the process. Nothing
     happens without transparent huge pages (system-wide or for the process), where the
     weights exceed half the RAM or the cgroup memory limit, or with ``QWEN_HUGE_PAGES=0``
     (or false/off/no). Returns the bytes of the weights it took on, 0 where it did
@@ -148,10 +173,16 @@ def huge_page_weights(model: nn.Module) -> int:
     total = sum(t.numel() * t.element_size() for t in params)
     if not params or total > _ram_bytes() // 2:
         return 0
-    files = _clean_file_mappings()
+    files = _file_mappings()
+    try:
+        pagemap = open("/proc/self/pagemap", "rb", buffering=0)  # noqa: SIM115
+    except OSError:  # nothing is released, the copy still works
+        pagemap, files = None, []
     libc = ctypes.CDLL(None, use_errno=True)
     page = mmap.PAGESIZE
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        if pagemap is not None:
+            stack.enter_context(pagemap)
         for param in params:
             old = param.data
             try:
@@ -169,8 +200,8 @@ def huge_page_weights(model: nn.Module) -> int:
                     new.view(-1)[i : i + step].copy_(old.view(-1)[i : i + step])
                     lo, hi = start + i * size, start + min(old.numel(), i + step) * size
                     first, last = -(-lo // page) * page, hi // page * page
-                    if last > first:
-                        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+                    for a, b in _file_page_runs(pagemap, first, last) if last > first else ():
+                        libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), mmap.MADV_DONTNEED)
             param.data = new
     return total
 

@@ -271,6 +271,31 @@ def test_huge_pages_keep_changes_made_in_the_file_mapping(tmp_path, monkeypatch)
 
 
 @pytest.mark.skipif(not cpu_memory._transparent_huge_pages(), reason="needs Linux transparent huge pages")
+def test_huge_pages_release_the_file_pages_around_a_written_one(tmp_path, monkeypatch):
+    """A page written in the private file mapping (gptqmodel rewrites GPTQ zero points in
+    place as it loads) stays; the mapping's other pages are released as the weights move
+    (before, one written page kept the whole file resident beside the copies)."""
+    ckpt = make_tiny(tmp_path / "ckpt", "--dtype", "bf16")
+    weights = (ckpt / "model.safetensors").resolve()
+    monkeypatch.setenv("QWEN_HUGE_PAGES", "0")
+    model = AutoModelForCausalLM.from_pretrained(ckpt, bf16=True)
+    head = model.lm_head.weight
+    assert _mapping_of(head.data_ptr())[0] == str(weights)
+    old = head.data  # the file mapping's bytes, still readable through this view after the move
+    row = 4 * 4096 // (head.shape[1] * head.element_size())  # a row in a page wholly inside the weight
+    with torch.no_grad():
+        old[row, 0] = 3.0  # that page written
+    expected = old.clone()
+    before = _mapped_bytes(weights)
+    monkeypatch.setenv("QWEN_HUGE_PAGES", "1")
+    assert cpu_memory.huge_page_weights(model) > 0
+    assert _mapped_bytes(weights) < 0.05 * before  # (measured before anything reads the old pages)
+    assert _mapping_of(model.lm_head.weight.data_ptr())[0] == ""
+    assert torch.equal(model.lm_head.weight, expected)
+    assert old[row, 0] == 3.0 and torch.equal(old, expected)  # the written page kept, the others from the file
+
+
+@pytest.mark.skipif(not cpu_memory._transparent_huge_pages(), reason="needs Linux transparent huge pages")
 def test_huge_pages_refused_midway_leaves_a_working_model(tmp_path, monkeypatch, caplog):
     """No anonymous memory for a copy (say, a strict overcommit limit) is not an error:
     the weights not yet moved stay mapped from the file, and the model computes the same."""
