@@ -19,8 +19,8 @@ extension points:
   through the C kernel (or float32 attention) instead of torch's SDPA, registered as this
   model file's local ``"sdpa"`` (``modeling_qwen.QWEN_ATTENTION_FUNCTIONS``);
 - **the decoding step**: a single-sequence bf16 step runs through every block in one C
-  call (:func:`decode_all_blocks`, the model's ``decode_step`` hook), writing its keys and
-  values into the cache's buffers, with no Python between the blocks;
+  call (:func:`decode_all_blocks`, the model's ``decode_step`` hook; bf16 or GPTQ linears),
+  writing its keys and values into the cache's buffers, with no Python between the blocks;
 - **compiled generation** (``generate(compile_config=...)``) also compiles on CPU, with
   Inductor options that suit CPU decoding, one-row steps run with oneDNN off.
 

@@ -60,8 +60,25 @@ def changed(name: str, argument: str, c_type: str | None) -> dict:
         ({"entry_points": changed("rms_norm", "extra", "int")}, "qwen_rms_norm_bf16"),
         ({"block_fields": tuple(f for f in cpu_kernels._BLOCK_FIELDS if f != "keys_pos")}, "B_KEYS_POS"),
         ({"block_reals": ("ln_1_eps", "ln_2_eps")}, "R_SCALING"),
+        ({"products": ("c_attn", "c_proj", "w1", "mlp_proj")}, "B_W2"),
+        ({"product_fields": tuple(f for f in cpu_kernels._PRODUCT_FIELDS if f != "bias_dtype")}, "P_BIAS_DTYPE"),
+        ({"dtypes": ("F32", "F16")}, "DT_BF16"),
+        ({"gptq_row": cpu_kernels.GPTQ_ROW_ARGUMENTS[:-1]}, "gptq"),  # qwen_gptq_row's pointer type
     ],
-    ids=["as declared", "int64_t as int", "int64_t as float", "const out", "dropped", "added", "field", "real"],
+    ids=[
+        "as declared",
+        "int64_t as int",
+        "int64_t as float",
+        "const out",
+        "dropped",
+        "added",
+        "field",
+        "real",
+        "product",
+        "product field",
+        "dtype",
+        "gptq_row",
+    ],  # fmt: skip
 )
 def test_declarations_that_disagree_with_the_c_code_do_not_compile(tmp_path, declarations, error):
     source = cpu_kernels._source(**declarations)
@@ -80,7 +97,11 @@ def test_the_c_definitions_name_their_arguments_as_declared():
         for name, arguments in re.findall(r"^void qwen_(\w+)_bf16\(([^)]*)\)", cpu_kernels._DEFINITIONS, re.M)
     }
     assert defined == {name: [a for a, _ in args] for name, args in cpu_kernels._ENTRY_POINTS.items()}
-    for prefix, names in (("B", cpu_kernels._BLOCK_FIELDS), ("R", cpu_kernels._BLOCK_REALS)):
+    read = (
+        ("B", cpu_kernels._BLOCK_FIELDS), ("B", cpu_kernels._PRODUCTS), ("P", cpu_kernels._PRODUCT_FIELDS),
+        ("R", cpu_kernels._BLOCK_REALS),
+    )  # fmt: skip
+    for prefix, names in read:
         unread = [name for name in names if not re.search(rf"\b{prefix}_{name.upper()}\b", cpu_kernels._DEFINITIONS)]
         assert not unread, f"fields the C code never reads: {unread}"
 
