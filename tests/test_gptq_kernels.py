@@ -93,11 +93,16 @@ def test_kernel_in_half_precision_rounds_the_float32_result_once(dtype):
 @needs_compiler
 @torch.inference_mode()
 @pytest.mark.parametrize("bits,n_out,n_in,group_size", CASES)
-@pytest.mark.parametrize("block_columns", [None, 32], ids=["one block", "blocks of 32 columns"])
+@pytest.mark.parametrize(
+    "block_columns", [None, "whole", 32], ids=["row by row", "dequantized whole", "dequantized 32 columns at a time"]
+)
 def test_rows_equal_the_dequantized_weights_in_float32(monkeypatch, bits, n_out, n_in, group_size, block_columns):
-    """Several rows (a prefill, a batch): the weight dequantized to float32 a block of
-    columns at a time and multiplied by torch: the exact weights' product up to float32 sums."""
+    """Several rows (a prefill, a batch): row by row through the one-row kernel, or (past
+    ROWS_ONE_BY_ONE rows) the weight dequantized to float32 a block of columns at a time and
+    multiplied by torch: the exact weights' product up to float32 sums either way."""
     if block_columns is not None:
+        monkeypatch.setattr(gptq_kernels, "ROWS_ONE_BY_ONE", 1)
+    if block_columns == 32:
         monkeypatch.setattr(gptq_kernels, "DEQUANT_BLOCK_BYTES", 4 * n_in * block_columns)
     tensors, weight = random_gptq(n_out, n_in, bits, group_size, seed=n_out + 1)
     g = torch.Generator().manual_seed(bits + 1)
