@@ -23,8 +23,9 @@ over a group's rows (eight independent chains of FMAs, each input broadcast once
 tiles ahead prefetched); elsewhere in plain loops that the compiler vectorizes (16 columns at
 a time where the CPU has AVX-512).
 
-:func:`gptq_rows` takes several rows (a prefill, a batch): ``qwen_gptq_dequant`` writes the
-exact float32 ``W`` (transposed) a block of columns at a time and torch multiplies; the same
+:func:`gptq_rows` takes several rows (a prefill, a batch): up to :data:`ROWS_ONE_BY_ONE`
+through the one-row kernel row by row, more through ``qwen_gptq_dequant``, which writes the
+exact float32 ``W`` (transposed) a block of columns at a time for torch to multiply; the same
 contract (exact weights, float32 sums, one rounding). gptqmodel's own path there compiles its
 dequantization with Inductor at each module's first call (minutes for a 1.8B model's first
 prompt on CPU).
