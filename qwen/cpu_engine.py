@@ -375,6 +375,9 @@ def _block_parts(block: nn.Module) -> BlockParts | None:
     return BlockParts(norm_1, c_attn, c_proj, norm_2, w1, w2, mlp_proj, attn.scaling)
 
 
+_LINEARS = ("c_attn", "c_proj", "w1", "w2", "mlp_proj")  # BlockParts' products
+
+
 def _product(module: nn.Module | None) -> Product | QuantProduct | None:
     """A linear's weights for the all-blocks step: a built ``CPULinear``'s bf16 weight, or a
     GPTQ linear's packed tensors where its one-row product goes through the GPTQ kernel."""
@@ -403,22 +406,16 @@ def decode_all_blocks(model, x: torch.Tensor, rotary: tuple, logn, masks: list, 
     if model.config._attn_implementation != "sdpa" or type(model.h) is not nn.ModuleList or _global_module_hooks():
         return None
     blocks = list(model.h._modules.values())
-    if len(masks) != len(blocks):
-        return None
-    every_parts = [_block_parts(block) for block in blocks]
-    if any(parts is None for parts in every_parts):
-        return None
-    quantized = any(
-        isinstance(getattr(parts, name), QuantProduct)
-        for parts in every_parts
-        for name in ("c_attn", "c_proj", "w1", "w2", "mlp_proj")
-    )
-    gptq = row_function() if quantized else None
-    steps = BlockSteps(x, *rotary, model.config.num_attention_heads, model.config.kv_channels, gptq_row=gptq)
-    if not steps.ok:
+    steps = BlockSteps(x, *rotary, model.config.num_attention_heads, model.config.kv_channels)
+    if not steps.ok or len(masks) != len(blocks):
         return None
     layers, filled = cache.layers, []
-    for block, mask, parts in zip(blocks, masks, every_parts, strict=True):
+    for block, mask in zip(blocks, masks, strict=True):
+        parts = _block_parts(block)
+        if parts is None:
+            return None
+        if steps.gptq_row is None and any(isinstance(getattr(parts, name), QuantProduct) for name in _LINEARS):
+            steps.gptq_row = row_function()  # the GPTQ kernel library, built on first use
         index = block._modules["attn"].layer_idx
         layer = layers[index] if index < len(layers) else None
         room = layer.room_for_one() if type(layer) is GrowingLayer else None

@@ -863,7 +863,7 @@ class BlockSteps:
     ``cos``/``signed_sin``: the step's float32 rotary tables, ``rot`` values each (sin
     negated on the first half); ``gptq_row``: the address of ``qwen_gptq_row`` (the GPTQ
     kernel library's, ``gptq_kernels.row_function()``) for blocks with GPTQ products (None:
-    bf16 products only). Each :meth:`add` checks one block's weights and cache and says
+    bf16 products only; may be set before the first such block is added). Each :meth:`add` checks one block's weights and cache and says
     whether it can be taken (if not, :meth:`run` runs nothing); ``ok`` says whether every
     check so far has passed."""
 

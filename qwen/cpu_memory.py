@@ -120,6 +120,8 @@ def _file_page_runs(pagemap, first: int, last: int) -> list[tuple[int, int]]:
         return []
     entries = torch.frombuffer(bytearray(data), dtype=torch.int64)
     present = entries < 0  # bit 63
+    if not present.any():  # just copied, so read: flags that say nothing (a sandbox's pagemap)
+        return []
     file_page = ((entries >> _PAGEMAP_FILE_PAGE) & 1).bool()
     swapped = ((entries >> _PAGEMAP_SWAPPED) & 1).bool()
     safe = torch.where(present, file_page, ~swapped).tolist()

@@ -559,7 +559,10 @@ def _zero_add(module) -> int | None:
         return None
     if getattr(module, "online_full_had", False) or getattr(module, "online_partial_had", False):
         return None
-    if getattr(module, "pack_dtype", torch.int32) != torch.int32 or module.qweight is None:
+    qweight = module.qweight
+    if getattr(module, "pack_dtype", torch.int32) != torch.int32 or qweight is None:
+        return None
+    if qweight.dim() != 2 or qweight.shape[1] != module.out_features:  # a padded layout: not this format
         return None
     zero_format = module.qzero_format() if hasattr(module, "qzero_format") else 1
     return 2 - zero_format if zero_format in (1, 2) and _plain_groups(module) else None
@@ -578,6 +581,8 @@ def quant_linear(module, x: torch.Tensor) -> torch.Tensor | None:
     zero_add = _zero_add(module)
     if zero_add is None:
         return None
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     product = gptq_row if x.numel() == x.shape[-1] else gptq_rows
     return product(
         x, module.qweight, module.qzeros, module.scales, module.bias, module.bits, module.group_size, zero_add
@@ -586,15 +591,27 @@ def quant_linear(module, x: torch.Tensor) -> torch.Tensor | None:
 
 def quant_product(module) -> QuantProduct | None:
     """``module``'s GPTQ tensors for the CPU engine's all-blocks decoding step (which calls
-    :func:`row_function` on them), where :func:`quant_linear` would take one row; else None."""
+    :func:`row_function` on them), where :func:`quant_linear` would take one row; else None.
+    Kept on the module until its mode, adapter, zero-point format or tensors change (the
+    step asks for every linear at every token)."""
+    state = module.__dict__
+    buffers = module._buffers
+    key = (
+        module.training, state.get("adapter"), state.get("_qzeros_format"),
+        *(buffers.get(name) for name in ("qweight", "qzeros", "scales", "bias", "g_idx")),
+    )  # fmt: skip
+    cached = state.get("_qwen_quant_product")
+    if cached is not None and all(a is b for a, b in zip(cached[0], key, strict=True)) and _plain_groups(module):
+        return cached[1]
     zero_add = _zero_add(module)
-    if zero_add is None:
-        return None
-    tensors = (module.qweight, module.qzeros, module.scales, module.bias)
-    sizes = _weights_checked(module.in_features, *tensors, module.bits, module.group_size)
-    if sizes is None:
-        return None
-    return QuantProduct(*tensors, module.bits, module.group_size, zero_add, module.in_features, sizes[0])
+    product = None
+    if zero_add is not None:
+        tensors = (module.qweight, module.qzeros, module.scales, module.bias)
+        sizes = _weights_checked(module.in_features, *tensors, module.bits, module.group_size)
+        if sizes is not None:
+            product = QuantProduct(*tensors, module.bits, module.group_size, zero_add, module.in_features, sizes[0])
+    state["_qwen_quant_product"] = (key, product)
+    return product
 
 
 def row_function() -> int | None:

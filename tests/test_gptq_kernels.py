@@ -411,3 +411,24 @@ def test_packed_weights_move_to_huge_pages(gptq_pair, monkeypatch):
     ids = rand_ids(1, 5, seed=2)
     with torch.inference_mode():
         assert torch.equal(model(ids).logits, unmoved(ids).logits)
+
+
+@needs_compiler
+@torch.inference_mode()
+def test_quant_product_is_kept_until_the_module_changes(gptq_pair):
+    """The all-blocks step asks for every linear's GPTQ tensors at every token: they are
+    kept on the module, and not past a change of mode, groups or tensors."""
+    bits, quant_dir, _ = gptq_pair
+    model = load_gptq(quant_dir, bits, dtype=torch.bfloat16)
+    layer = model.transformer.h[0].mlp.w1
+    first = gptq_kernels.quant_product(layer)
+    assert first is not None and gptq_kernels.quant_product(layer) is first
+    assert first.qweight is layer.qweight and first.n_out == layer.out_features
+    layer.training = True
+    assert gptq_kernels.quant_product(layer) is None
+    layer.training = False
+    assert gptq_kernels.quant_product(layer) is not None
+    layer.scales = layer.scales.clone()
+    assert gptq_kernels.quant_product(layer).scales is layer.scales
+    layer.g_idx = layer.g_idx.flip(0).contiguous()
+    assert gptq_kernels.quant_product(layer) is None

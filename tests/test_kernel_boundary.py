@@ -63,7 +63,7 @@ def changed(name: str, argument: str, c_type: str | None) -> dict:
         ({"products": ("c_attn", "c_proj", "w1", "mlp_proj")}, "B_W2"),
         ({"product_fields": tuple(f for f in cpu_kernels._PRODUCT_FIELDS if f != "bias_dtype")}, "P_BIAS_DTYPE"),
         ({"dtypes": ("F32", "F16")}, "DT_BF16"),
-        ({"gptq_row": cpu_kernels.GPTQ_ROW_ARGUMENTS[:-1]}, "gptq"),  # qwen_gptq_row's pointer type
+        ({"gptq_row": cpu_kernels.GPTQ_ROW_ARGUMENTS[:-1]}, "too many arguments"),  # qwen_gptq_row's pointer type
     ],
     ids=[
         "as declared",
