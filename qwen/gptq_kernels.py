@@ -454,23 +454,9 @@ def gptq_row(
     format, 0 in gptqmodel's in-memory "v2" format). Returns a tensor of ``x``'s dtype and
     shape (..., N), or ``None`` where the kernel does not apply (other dtypes, layouts or
     devices, more than one row, autograd, tracing, or no kernel)."""
-    sizes = _checked(x, qweight, qzeros, scales, bias, bits, group_size)
-    if sizes is None or x.numel() != x.shape[-1]:
+    if x.dim() == 0 or x.numel() != x.shape[-1]:
         return None
-    kernel = _kernel()
-    if kernel is None:
-        return None
-    n_in, n_out, groups = sizes
-    out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=_CPU)
-    scratch = torch.empty(n_in + groups, dtype=torch.float32, device=_CPU)
-    kernel.gptq_row(
-        x=x.data_ptr(), x_dtype=_DTYPE_CODE[x.dtype], qweight=qweight.data_ptr(), qzeros=qzeros.data_ptr(),
-        scales=scales.data_ptr(), bias=None if bias is None else bias.data_ptr(),
-        bias_dtype=_DTYPE_CODE[bias.dtype] if bias is not None else 0, out=out.data_ptr(), N=n_out, K=n_in,
-        group_size=group_size, bits=bits, zero_add=zero_offset, threads=torch.get_num_threads(),
-        scratch=scratch.data_ptr(),
-    )  # fmt: skip
-    return out
+    return gptq_rows(x, qweight, qzeros, scales, bias, bits, group_size, zero_offset)  # one row: the kernel once
 
 
 # Up to this many rows, several rows go through the one-row kernel row by row; past it, the
