@@ -375,9 +375,6 @@ def _block_parts(block: nn.Module) -> BlockParts | None:
     return BlockParts(norm_1, c_attn, c_proj, norm_2, w1, w2, mlp_proj, attn.scaling)
 
 
-_LINEARS = ("c_attn", "c_proj", "w1", "w2", "mlp_proj")  # BlockParts' products
-
-
 def _product(module: nn.Module | None) -> Product | QuantProduct | None:
     """A linear's weights for the all-blocks step: a built ``CPULinear``'s bf16 weight, or a
     GPTQ linear's packed tensors where its one-row product goes through the GPTQ kernel."""
@@ -414,7 +411,7 @@ def decode_all_blocks(model, x: torch.Tensor, rotary: tuple, logn, masks: list, 
         parts = _block_parts(block)
         if parts is None:
             return None
-        if steps.gptq_row is None and any(isinstance(getattr(parts, name), QuantProduct) for name in _LINEARS):
+        if steps.gptq_row is None and any(isinstance(p, QuantProduct) for p in parts.products()):
             steps.gptq_row = row_function()  # the GPTQ kernel library, built on first use
         index = block._modules["attn"].layer_idx
         layer = layers[index] if index < len(layers) else None

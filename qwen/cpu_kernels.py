@@ -824,6 +824,10 @@ class BlockParts:
     mlp_proj: Product | QuantProduct
     scaling: float
 
+    def products(self) -> list[Product | QuantProduct]:
+        """The products, in the table's order (``_PRODUCTS``)."""
+        return [getattr(self, name) for name in _PRODUCTS]
+
 
 def _product(p: Product | QuantProduct, n_in: int, n_out: int) -> bool:
     if isinstance(p, QuantProduct):  # its tensors checked where it was made
@@ -920,7 +924,7 @@ class BlockSteps:
         and the boolean (1, 1, 1, position + 1) mask of those positions (None: all). False
         (and the step not to be run) where anything does not fit."""
         hidden, projection = self.hidden, self.heads * self.dim
-        products = [getattr(parts, name) for name in _PRODUCTS]
+        products = parts.products()
         w1 = parts.w1
         width = w1.n_out if isinstance(w1, QuantProduct) else w1.weight.shape[0] if w1.weight.dim() == 2 else 0
         self.ok = (

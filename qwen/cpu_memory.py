@@ -182,9 +182,7 @@ def huge_page_weights(model: nn.Module) -> int:
         pagemap, files = None, []
     libc = ctypes.CDLL(None, use_errno=True)
     page = mmap.PAGESIZE
-    with torch.no_grad(), contextlib.ExitStack() as stack:
-        if pagemap is not None:
-            stack.enter_context(pagemap)
+    with torch.no_grad(), pagemap or contextlib.nullcontext():
         for param in params:
             old = param.data
             try:

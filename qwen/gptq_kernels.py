@@ -71,9 +71,6 @@ logger = logging.getLogger(__name__)
 
 _CPU = torch.device("cpu")
 
-# The dtypes the kernels read and write, as the C enum DT_<NAME> (declared in cpu_kernels.py, whose
-# block step calls qwen_gptq_row through a pointer).
-_DTYPES, _DTYPE_CODE = GPTQ_DTYPES, GPTQ_DTYPE_CODE
 BITS = (2, 4, 8)
 
 _ENTRY_POINTS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -402,7 +399,7 @@ def _int32_matrix(t: torch.Tensor, shape: tuple[int, int]) -> bool:
 def _weights_checked(n_in: int, qweight, qzeros, scales, bias, bits, group_size) -> tuple[int, int] | None:
     """(N, groups) where the kernels take the GPTQ tensors of an (N, ``n_in``) weight as declared
     in :func:`gptq_row` (int32 packing, float16 scales, contiguous, on CPU; a bias of a dtype of
-    ``_DTYPES``); else None."""
+    ``GPTQ_DTYPES``); else None."""
     if bits not in BITS or qweight.dim() != 2:
         return None
     per = 32 // bits
@@ -420,7 +417,7 @@ def _weights_checked(n_in: int, qweight, qzeros, scales, bias, bits, group_size)
     ):
         return None
     if bias is not None and (
-        bias.dtype not in _DTYPES or not bias.is_cpu or tuple(bias.shape) != (n_out,) or bias.stride(0) != 1
+        bias.dtype not in GPTQ_DTYPES or not bias.is_cpu or tuple(bias.shape) != (n_out,) or bias.stride(0) != 1
     ):
         return None
     return n_out, groups
@@ -430,7 +427,7 @@ def _checked(x, qweight, qzeros, scales, bias, bits, group_size) -> tuple[int, i
     """(K, N, groups) where the kernels take ``x`` (rows of K with a contiguous last dimension;
     float32, bfloat16 or float16, on CPU, outside autograd and tracing) and the GPTQ tensors
     (:func:`_weights_checked`); else None."""
-    if x.dtype not in _DTYPES or not x.is_cpu or x.dim() == 0 or x.stride(-1) != 1:
+    if x.dtype not in GPTQ_DTYPES or not x.is_cpu or x.dim() == 0 or x.stride(-1) != 1:
         return None
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
@@ -495,9 +492,9 @@ def gptq_rows(
         scratch = torch.empty(n_in + groups, dtype=torch.float32, device=_CPU)
         for row, result in zip(rows, out, strict=True):
             kernel.gptq_row(
-                x=row.data_ptr(), x_dtype=_DTYPE_CODE[x.dtype], qweight=qweight.data_ptr(), qzeros=qzeros.data_ptr(),
+                x=row.data_ptr(), x_dtype=GPTQ_DTYPE_CODE[x.dtype], qweight=qweight.data_ptr(), qzeros=qzeros.data_ptr(),
                 scales=scales.data_ptr(), bias=None if bias is None else bias.data_ptr(),
-                bias_dtype=_DTYPE_CODE[bias.dtype] if bias is not None else 0, out=result.data_ptr(), N=n_out,
+                bias_dtype=GPTQ_DTYPE_CODE[bias.dtype] if bias is not None else 0, out=result.data_ptr(), N=n_out,
                 K=n_in, group_size=group_size, bits=bits, zero_add=zero_offset, threads=torch.get_num_threads(),
                 scratch=scratch.data_ptr(),
             )  # fmt: skip
@@ -556,8 +553,8 @@ def _zero_add(module) -> int | None:
 
 def quant_linear(module, x: torch.Tensor) -> torch.Tensor | None:
     """``module(x)`` for a gptqmodel quant-linear module holding the GPTQ tensors
-    (``TorchLinear``) in inference: one row through :func:`gptq_row`, several through
-    :func:`gptq_rows`; ``None`` where neither applies (autograd, tracing, training, an
+    (``TorchLinear``) in inference, any number of rows, through :func:`gptq_rows`; ``None``
+    where it does not apply (autograd, tracing, training, an
     adapter, an input rotation, ``desc_act`` groups, a packing other than int32, or what
     they refuse)."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
@@ -569,8 +566,7 @@ def quant_linear(module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     if x.stride(-1) != 1:
         x = x.contiguous()
-    product = gptq_row if x.numel() == x.shape[-1] else gptq_rows
-    return product(
+    return gptq_rows(
         x, module.qweight, module.qzeros, module.scales, module.bias, module.bits, module.group_size, zero_add
     )
 
