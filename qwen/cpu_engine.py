@@ -307,6 +307,11 @@ class CPUGPTQLinear:
     library's code."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:  # gptqmodel's code fails obscurely on it
+            raise ValueError(
+                f"{type(self).__name__}: the input's last dimension is {x.shape[-1] if x.dim() else 'missing'} "
+                f"(shape {tuple(x.shape)}); this layer takes {self.in_features} features"
+            )
         out = quant_linear(self, x)
         return super().forward(x) if out is None else out
 

@@ -371,6 +371,16 @@ def test_hook_declines_reordered_groups(gptq_pair):
 
 
 @needs_compiler
+@torch.inference_mode()
+def test_an_input_of_the_wrong_size_is_named(gptq_pair):
+    """gptqmodel's own code fails on it with a ZeroDivisionError."""
+    bits, quant_dir, _ = gptq_pair
+    layer = load_gptq(quant_dir, bits, dtype=torch.float32).transformer.h[0].mlp.w1
+    with pytest.raises(ValueError, match=rf"last dimension is {layer.in_features + 1} .* takes {layer.in_features}"):
+        layer(torch.randn(2, 3, layer.in_features + 1))
+
+
+@needs_compiler
 def test_cpu_load_without_a_quantization_config_takes_the_kernel_backend(gptq_pair, kernel_calls):
     """A GPTQ checkpoint loaded on CPU as users load it (no quantization_config) gets
     gptqmodel's gptq_torch modules, which the kernel serves, not gptqmodel's own CPU choice
